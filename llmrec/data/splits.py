@@ -1,0 +1,178 @@
+"""Turn canonical interactions into per-user chronological sequences and evaluation examples.
+
+Items are referred to by 1-based indices into the catalogue (index 0 is padding), so models
+can use the indices directly as embedding rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from ..config import DataConfig
+from ..errors import DataError
+from .loaders import InteractionData
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationExamples:
+    """One next-item example per evaluated user: the history the model sees and the held-out target."""
+
+    user_indices: list[int] = field(default_factory=list)  # index into SequentialSplit.user_ids
+    histories: list[list[int]] = field(default_factory=list)  # chronological 1-based item indices
+    targets: list[int] = field(default_factory=list)  # held-out next item index
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def add(self, user_index: int, history: list[int], target: int) -> None:
+        self.user_indices.append(user_index)
+        self.histories.append(history)
+        self.targets.append(target)
+
+
+@dataclass
+class SequentialSplit:
+    """Catalogue, per-user training sequences and the valid/test examples of one split."""
+
+    item_ids: list[str]  # item index i+1 <-> item_ids[i]; index 0 is reserved for padding
+    item_texts: list[str]  # aligned with item_ids
+    user_ids: list[str]
+    train_sequences: list[list[int]]  # aligned with user_ids
+    valid: EvaluationExamples
+    test: EvaluationExamples
+
+    @property
+    def num_items(self) -> int:
+        """Catalogue size, padding excluded."""
+        return len(self.item_ids)
+
+    @cached_property
+    def item_index(self) -> dict[str, int]:
+        """Raw item id -> 1-based item index."""
+        return {item_id: position + 1 for position, item_id in enumerate(self.item_ids)}
+
+    def item_popularity(self) -> np.ndarray:
+        """Training interaction count per item index (float64, shape num_items + 1, padding slot 0 = 0)."""
+        flat = [index for sequence in self.train_sequences for index in sequence]
+        counts = np.bincount(np.asarray(flat, dtype=np.int64), minlength=self.num_items + 1).astype(np.float64)
+        counts[0] = 0.0
+        return counts
+
+
+def build_split(data: InteractionData, config: DataConfig) -> SequentialSplit:
+    """Split interactions per ``config.split`` into training sequences and valid/test examples.
+
+    The catalogue is every item of ``data.items`` in its order (items nobody interacted with stay
+    rankable). Users appear in order of their first interaction in the file, and each user's
+    interactions are ordered by timestamp with a stable sort, so ties keep file order.
+
+    ``leave_one_out``: a user's last interaction is the test target (history: everything before
+    it), the second last is the valid target (history: everything before that), the rest is
+    training. Users with fewer than 3 interactions keep them all for training and get no
+    valid/test example.
+
+    ``temporal``: global time cut-offs put about ``temporal_test_fraction`` of the interactions
+    (the newest) in a test window and ``temporal_valid_fraction`` before them in a valid window.
+    Training is each user's interactions before the valid window. A user's valid example is their
+    first interaction in the valid window with all earlier ones as history; the test example is
+    their first interaction in the test window with all earlier ones (train and valid windows) as
+    history. Users whose history would be empty get no example.
+    """
+    item_ids = [str(item_id) for item_id in data.items["item_id"]]
+    item_texts = [str(text) for text in data.items["text"]]
+    item_index = {item_id: position + 1 for position, item_id in enumerate(item_ids)}
+    user_ids, sequences, sequence_times = _user_sequences(data, item_index)
+
+    if config.split == "leave_one_out":
+        train_sequences, valid, test = _leave_one_out(sequences)
+    elif config.split == "temporal":
+        train_sequences, valid, test = _temporal(sequences, sequence_times, config.temporal_valid_fraction,
+                                                 config.temporal_test_fraction)
+    else:
+        raise DataError(f"data.split must be 'leave_one_out' or 'temporal', got {config.split!r}.")
+    logger.info("%s split: %d users, %d items, %d training interactions, %d valid and %d test examples.",
+                config.split, len(user_ids), len(item_ids), sum(map(len, train_sequences)), len(valid), len(test))
+    return SequentialSplit(item_ids, item_texts, user_ids, train_sequences, valid, test)
+
+
+def _user_sequences(data: InteractionData, item_index: dict[str, int]
+                    ) -> tuple[list[str], list[list[int]], list[np.ndarray]]:
+    """Per-user item indices and timestamps in chronological order (stable: ties keep file order)."""
+    frame = data.interactions.select_columns(["user_id", "item_id", "timestamp"]).to_pandas()
+    if len(frame) == 0:
+        raise DataError("There are no interactions to split; check the data and data.rating_threshold.")
+    unknown = sorted(set(frame["item_id"]) - item_index.keys())
+    if unknown:
+        raise DataError(f"{len(unknown)} interacted item id(s) are missing from the items table (e.g. {unknown[:5]}); "
+                        "load the data with load_interaction_data, which drops them.")
+    user_codes, user_ids = _codes_in_first_appearance_order(frame["user_id"].to_numpy())
+    items = frame["item_id"].map(item_index).to_numpy(dtype=np.int64)
+    times = frame["timestamp"].to_numpy(dtype=np.float64)
+    order = np.argsort(times, kind="stable")
+    order = order[np.argsort(user_codes[order], kind="stable")]  # group by user, keep time (then file) order
+    boundaries = np.flatnonzero(np.diff(user_codes[order])) + 1
+    sequences = [chunk.tolist() for chunk in np.split(items[order], boundaries)]
+    sequence_times = np.split(times[order], boundaries)
+    return user_ids, sequences, sequence_times
+
+
+def _codes_in_first_appearance_order(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    unique, first_positions, codes = np.unique(values, return_index=True, return_inverse=True)
+    rank = np.empty(len(unique), dtype=np.int64)
+    rank[np.argsort(first_positions, kind="stable")] = np.arange(len(unique))
+    ordered_ids = [str(user_id) for user_id in unique[np.argsort(first_positions, kind="stable")]]
+    return rank[codes.reshape(-1)], ordered_ids
+
+
+def _leave_one_out(sequences: list[list[int]]
+                   ) -> tuple[list[list[int]], EvaluationExamples, EvaluationExamples]:
+    train_sequences, valid, test = [], EvaluationExamples(), EvaluationExamples()
+    too_short = 0
+    for user_index, sequence in enumerate(sequences):
+        if len(sequence) < 3:
+            train_sequences.append(list(sequence))
+            too_short += 1
+            continue
+        train_sequences.append(sequence[:-2])
+        valid.add(user_index, sequence[:-2], sequence[-2])
+        test.add(user_index, sequence[:-1], sequence[-1])
+    if too_short:
+        logger.info("%d user(s) have fewer than 3 interactions: all go to training, no valid/test example.", too_short)
+    return train_sequences, valid, test
+
+
+def _temporal(sequences: list[list[int]], sequence_times: list[np.ndarray], valid_fraction: float,
+              test_fraction: float) -> tuple[list[list[int]], EvaluationExamples, EvaluationExamples]:
+    all_times = np.sort(np.concatenate(sequence_times))
+    total = len(all_times)
+    test_count = max(1, int(round(total * test_fraction)))
+    valid_count = max(1, int(round(total * valid_fraction)))
+    test_start = all_times[max(total - test_count, 0)]
+    valid_start = all_times[max(total - test_count - valid_count, 0)]
+    if valid_start == test_start:
+        logger.warning("Temporal split: timestamps are too coarse, the valid window is empty.")
+    train_sequences, valid, test = [], EvaluationExamples(), EvaluationExamples()
+    skipped_valid = skipped_test = 0
+    for user_index, (sequence, times) in enumerate(zip(sequences, sequence_times)):
+        first_valid = int(np.searchsorted(times, valid_start, side="left"))  # times are sorted per user
+        first_test = int(np.searchsorted(times, test_start, side="left"))
+        train_sequences.append(sequence[:first_valid])
+        if first_valid < first_test:  # the user has an interaction in the valid window
+            if first_valid > 0:
+                valid.add(user_index, sequence[:first_valid], sequence[first_valid])
+            else:
+                skipped_valid += 1
+        if first_test < len(sequence):
+            if first_test > 0:
+                test.add(user_index, sequence[:first_test], sequence[first_test])
+            else:
+                skipped_test += 1
+    logger.info("Temporal split: valid window starts at %s, test window at %s; %d valid and %d test candidates "
+                "skipped for an empty history.", valid_start, test_start, skipped_valid, skipped_test)
+    return train_sequences, valid, test

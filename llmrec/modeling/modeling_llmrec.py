@@ -1,0 +1,385 @@
+"""The llmrec model: item text encoder, self-attentive user encoder and cross-attention reranking head.
+
+The whole forward pass lives in this file. Item *indices* are 1-based (row 0 is padding); histories are
+left-padded with 0 so the most recent item always sits in the last slot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_llmrec import LlmRecConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LlmRecOutput(ModelOutput):
+    """`loss` when targets/labels are given; `logits` are catalogue scores (retrieval) or candidate scores (rerank)."""
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    user_embeddings: Optional[torch.Tensor] = None
+    attentions: Optional[torch.Tensor] = None
+
+
+def pad_histories(histories: Sequence[Sequence[int]], max_length: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Left-pad (and truncate to the most recent `max_length`) item-index histories into a (B, L) tensor."""
+    length = max(1, min(max_length, max((len(history) for history in histories), default=1)))
+    padded = torch.zeros(len(histories), length, dtype=torch.long)
+    for row, history in enumerate(histories):
+        recent = list(history)[-length:]
+        if recent:
+            padded[row, length - len(recent):] = torch.as_tensor(recent, dtype=torch.long)
+    return padded if device is None else padded.to(device)
+
+
+def _attention_mask_without_empty_rows(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A query whose keys are all masked makes softmax return NaN, and 0 x NaN leaks through later layers.
+
+    Such rows are opened to every key and flagged, so the caller can zero their output.
+    """
+    empty_rows = ~allowed.any(dim=-1, keepdim=True)
+    return allowed | empty_rows, empty_rows
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention through `scaled_dot_product_attention` (fused kernels), with weights on request."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.output = nn.Linear(hidden_size, hidden_size)
+        self.dropout = dropout
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = states.shape
+        return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        allowed: torch.Tensor,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`allowed` is a boolean mask broadcastable to (B, heads, Q, K); True = may attend."""
+        query = self._split_heads(self.query(queries))
+        key = self._split_heads(self.key(keys))
+        value = self._split_heads(self.value(keys))
+        allowed, empty_rows = _attention_mask_without_empty_rows(allowed)
+        if output_attentions:
+            logits = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)
+            weights = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+            weights = weights.masked_fill(empty_rows, 0.0)
+            attended = weights @ value
+        else:
+            weights = None
+            attended = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+            )
+        attended = attended.masked_fill(empty_rows, 0.0)
+        batch, _, length, _ = attended.shape
+        attended = attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return self.output(attended), weights
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention block (as in SASRec), whose training is stable without warm-up."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(hidden_size)
+        self.attention = MultiHeadAttention(hidden_size, num_heads, dropout)
+        self.feed_forward_norm = nn.LayerNorm(hidden_size)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(hidden_size, 4 * hidden_size), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * hidden_size, hidden_size)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, states: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        normed = self.attention_norm(states)
+        attended, _ = self.attention(normed, normed, allowed)
+        states = states + self.dropout(attended)
+        return states + self.dropout(self.feed_forward(self.feed_forward_norm(states)))
+
+
+class UserEncoder(nn.Module):
+    """Causal self-attention over the history: the state at slot t is the user after t items.
+
+    Training reads every slot at once (each predicts the next item), so one pass over a whole history
+    replaces the prefix expansion that makes RecBole's SASRec slow.
+    """
+
+    def __init__(self, config: LlmRecConfig) -> None:
+        super().__init__()
+        self.max_history_length = config.max_history_length
+        self.position_embeddings = nn.Embedding(config.max_history_length, config.hidden_size)
+        self.input_norm = nn.LayerNorm(config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config.hidden_size, config.user_num_heads, config.dropout) for _ in range(config.user_num_layers)
+        )
+        self.output_norm = nn.LayerNorm(config.hidden_size)
+
+    def forward(self, history_embeddings: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
+        length = history_embeddings.shape[1]
+        # Positions count from the end of a full window, as if every history were padded to max length,
+        # so the most recent item has the same position in training and serving.
+        positions = torch.arange(length, device=history_embeddings.device) + (self.max_history_length - length)
+        states = self.dropout(self.input_norm(history_embeddings + self.position_embeddings(positions)))
+        causal = torch.ones(length, length, dtype=torch.bool, device=states.device).tril()
+        allowed = (causal & history_mask[:, None, :])[:, None]  # (B, 1, L, L)
+        for block in self.blocks:
+            states = block(states, allowed)
+        return self.output_norm(states)
+
+
+class CrossAttentionReranker(nn.Module):
+    """Each candidate attends over the user's history items (with recency), then a residual MLP scores it.
+
+    The score is added to the retriever's own score with a learned weight, so the head learns a correction
+    and starts no worse than retrieval; its attention weights say which history items drove a score.
+    """
+
+    def __init__(self, config: LlmRecConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.recency_embeddings = nn.Embedding(config.max_history_length, hidden)
+        self.attention = MultiHeadAttention(hidden, config.rerank_num_heads, dropout=0.0)
+        self.attention_norm = nn.LayerNorm(hidden)
+        self.feed_forward = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(2 * hidden, hidden))
+        self.feed_forward_norm = nn.LayerNorm(hidden)
+        self.scorer = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.retrieval_weight = nn.Parameter(torch.ones(()))
+
+    def forward(
+        self,
+        candidate_embeddings: torch.Tensor,
+        history_embeddings: torch.Tensor,
+        history_mask: torch.Tensor,
+        user_embeddings: torch.Tensor,
+        retrieval_scores: torch.Tensor,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        length = history_embeddings.shape[1]
+        recency = torch.arange(length - 1, -1, -1, device=history_embeddings.device).clamp(max=self.recency_embeddings.num_embeddings - 1)
+        keys = history_embeddings + self.recency_embeddings(recency)
+        allowed = history_mask[:, None, None, :]  # (B, 1, 1, L): every candidate sees the whole history
+        attended, weights = self.attention(candidate_embeddings, keys, allowed, output_attentions)
+        states = self.attention_norm(candidate_embeddings + attended)
+        states = self.feed_forward_norm(states + self.feed_forward(states))
+        features = torch.cat(
+            [states, states * candidate_embeddings, candidate_embeddings * user_embeddings[:, None, :]], dim=-1
+        )
+        scores = self.scorer(features).squeeze(-1) + self.retrieval_weight * retrieval_scores
+        return scores, weights
+
+
+class ItemTextEncoder(nn.Module):
+    """A Hugging Face encoder plus pooling: item text -> one vector."""
+
+    def __init__(self, config: LlmRecConfig) -> None:
+        super().__init__()
+        if not config.encoder_config:
+            raise ValueError("LlmRecConfig.encoder_config is empty; build the model with LlmRecModel.from_encoder(...).")
+        encoder_config = AutoConfig.for_model(**config.encoder_config)
+        self.backbone = AutoModel.from_config(encoder_config, attn_implementation="sdpa")
+        self.pooling = config.pooling
+
+    @property
+    def output_size(self) -> int:
+        return self.backbone.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class LlmRecPreTrainedModel(PreTrainedModel):
+    config_class = LlmRecConfig
+    base_model_prefix = "llmrec"
+    main_input_name = "history_item_indices"
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class LlmRecModel(LlmRecPreTrainedModel):
+    """Two towers for retrieval (user encoder x item representations) plus the cross-attention reranker.
+
+    An item's representation is its projected text embedding, plus a learned ID embedding for items seen
+    in training (`warm_items`). Items without interactions keep the text path alone, and ID dropout in
+    training keeps that path calibrated, so cold items are not ranked down for lacking an ID.
+    """
+
+    def __init__(self, config: LlmRecConfig) -> None:
+        super().__init__(config)
+        self.item_encoder = ItemTextEncoder(config)
+        self.text_projection = nn.Linear(self.item_encoder.output_size, config.hidden_size)
+        self.item_id_embeddings = (
+            nn.Embedding(config.num_items + 1, config.hidden_size, padding_idx=0) if config.use_id_embeddings else None
+        )
+        # Cached pooled encoder outputs of the catalogue (row 0 = padding): with a frozen encoder the
+        # catalogue is encoded once, not at every step.
+        self.register_buffer("item_text_embeddings", torch.zeros(config.num_items + 1, self.item_encoder.output_size))
+        self.register_buffer("warm_items", torch.zeros(config.num_items + 1, dtype=torch.bool))
+        self.user_encoder = UserEncoder(config)
+        self.reranker = CrossAttentionReranker(config)
+        self.post_init()
+
+    @classmethod
+    def from_encoder(cls, encoder_name_or_path: str, **config_kwargs) -> "LlmRecModel":
+        """A new model around pretrained encoder weights (a local path or hub id, loaded by HF)."""
+        encoder = AutoModel.from_pretrained(encoder_name_or_path, attn_implementation="sdpa")
+        config = LlmRecConfig(
+            encoder_name_or_path=str(encoder_name_or_path), encoder_config=encoder.config.to_dict(), **config_kwargs
+        )
+        model = cls(config)
+        model.item_encoder.backbone.load_state_dict(encoder.state_dict())
+        return model
+
+    # ----- item side -------------------------------------------------------------------------------
+
+    def encode_item_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.item_encoder(input_ids, attention_mask)
+
+    def item_embeddings(self, item_text_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Representations of the whole catalogue, (num_items + 1, hidden); row 0 stays zero."""
+        text_embeddings = self.item_text_embeddings if item_text_embeddings is None else item_text_embeddings
+        representations = self.text_projection(text_embeddings.to(self.text_projection.weight.dtype))
+        if self.item_id_embeddings is not None:
+            keep = self.warm_items.unsqueeze(-1).to(representations.dtype)
+            if self.training and self.config.id_dropout > 0:
+                keep = keep * (torch.rand_like(keep) >= self.config.id_dropout).to(keep.dtype)
+            representations = representations + self.item_id_embeddings.weight * keep
+        return representations.masked_fill(
+            torch.arange(representations.shape[0], device=representations.device).unsqueeze(-1) == 0, 0.0
+        )
+
+    # ----- user side ---------------------------------------------------------------------------------
+
+    def encode_users(self, history_item_indices: torch.Tensor, item_embeddings: torch.Tensor) -> torch.Tensor:
+        """Per-slot user states (B, L, hidden); the last slot is the user now."""
+        history_mask = history_item_indices > 0
+        return self.user_encoder(item_embeddings[history_item_indices], history_mask)
+
+    def similarity(self, user_embeddings: torch.Tensor, item_embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosine / temperature: the same ranking FAISS gives with inner product on normalised vectors."""
+        return F.normalize(user_embeddings, dim=-1) @ F.normalize(item_embeddings, dim=-1).T / self.config.similarity_temperature
+
+    def score_candidates(
+        self,
+        history_item_indices: torch.Tensor,
+        candidate_item_indices: torch.Tensor,
+        item_embeddings: torch.Tensor,
+        user_embeddings: Optional[torch.Tensor] = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Reranker scores of (B, C) candidates in one batched call; padding candidates (index 0) get -inf."""
+        if user_embeddings is None:
+            user_embeddings = self.encode_users(history_item_indices, item_embeddings)[:, -1]
+        candidate_embeddings = item_embeddings[candidate_item_indices]
+        retrieval_scores = (
+            F.normalize(user_embeddings, dim=-1).unsqueeze(1) * F.normalize(candidate_embeddings, dim=-1)
+        ).sum(-1) / self.config.similarity_temperature
+        scores, attentions = self.reranker(
+            candidate_embeddings,
+            item_embeddings[history_item_indices],
+            history_item_indices > 0,
+            user_embeddings,
+            retrieval_scores,
+            output_attentions=output_attentions,
+        )
+        return scores.masked_fill(candidate_item_indices == 0, float("-inf")), attentions
+
+    def _fresh_text_embeddings(self, text_inputs: Optional[dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
+        """The cached catalogue embeddings with the rows in `text_inputs` re-encoded (with gradient), for LoRA."""
+        if text_inputs is None:
+            return None
+        fresh = self.encode_item_texts(text_inputs["input_ids"], text_inputs["attention_mask"])
+        table = self.item_text_embeddings.to(fresh.dtype).clone()
+        table[text_inputs["item_indices"]] = fresh
+        return table
+
+    def forward(
+        self,
+        history_item_indices: torch.Tensor,
+        target_item_indices: Optional[torch.Tensor] = None,
+        sampled_item_indices: Optional[torch.Tensor] = None,
+        sampled_log_q: Optional[torch.Tensor] = None,
+        candidate_item_indices: Optional[torch.Tensor] = None,
+        candidate_labels: Optional[torch.Tensor] = None,
+        text_inputs: Optional[dict[str, torch.Tensor]] = None,
+        output_attentions: bool = False,
+    ) -> LlmRecOutput:
+        """Retrieval mode (no candidates) or rerank mode (`candidate_item_indices` given).
+
+        Retrieval: `target_item_indices` (B, L) holds the next item after every slot (IGNORE_INDEX where
+        none); the loss is softmax cross-entropy over the whole catalogue, or, when `sampled_item_indices`
+        is given, over those items with the logQ correction `sampled_log_q` (sampled softmax, unbiased for
+        popularity-proportional sampling). Rerank: the loss is listwise cross-entropy over each user's
+        candidates, `candidate_labels` giving the positive's column.
+        """
+        item_embeddings = self.item_embeddings(self._fresh_text_embeddings(text_inputs))
+        user_states = self.encode_users(history_item_indices, item_embeddings)
+        user_embeddings = user_states[:, -1]
+
+        if candidate_item_indices is None:
+            loss = None
+            if target_item_indices is not None:
+                loss = self._retrieval_loss(user_states, item_embeddings, target_item_indices, sampled_item_indices, sampled_log_q)
+            logits = self.similarity(user_embeddings, item_embeddings)
+            return LlmRecOutput(loss=loss, logits=logits, user_embeddings=user_embeddings)
+
+        scores, attentions = self.score_candidates(
+            history_item_indices, candidate_item_indices, item_embeddings, user_embeddings, output_attentions
+        )
+        loss = None
+        if candidate_labels is not None:
+            loss = F.cross_entropy(scores, candidate_labels, ignore_index=IGNORE_INDEX)
+        return LlmRecOutput(loss=loss, logits=scores, user_embeddings=user_embeddings, attentions=attentions)
+
+    def _retrieval_loss(
+        self,
+        user_states: torch.Tensor,
+        item_embeddings: torch.Tensor,
+        target_item_indices: torch.Tensor,
+        sampled_item_indices: Optional[torch.Tensor],
+        sampled_log_q: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        has_target = target_item_indices != IGNORE_INDEX
+        states = user_states[has_target]
+        targets = target_item_indices[has_target]
+        if sampled_item_indices is None:
+            logits = self.similarity(states, item_embeddings)
+            logits[:, 0] = float("-inf")  # padding is never a valid next item
+            return F.cross_entropy(logits, targets)
+        # Sampled softmax: sampled_item_indices is sorted, unique and holds every target.
+        logits = self.similarity(states, item_embeddings[sampled_item_indices]) - sampled_log_q
+        target_columns = torch.searchsorted(sampled_item_indices, targets)
+        return F.cross_entropy(logits, target_columns)

