@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,20 @@ def merge_lora(model: LlmRecModel, output_dir: Path) -> None:
         model.item_encoder.backbone = backbone.merge_and_unload()
 
 
+def _distributed_without_gpu() -> bool:
+    """True under torchrun / `accelerate launch --multi_gpu` on a machine with no GPU.
+
+    Accelerate then needs `cpu=True` to set up DDP over gloo; otherwise each process trains alone.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def run_finetune(config: ExperimentConfig) -> dict[str, Any]:
     """Train both stages, evaluate popularity / retrieval / rerank, and save everything to `output_dir`."""
     started = time.perf_counter()
     settings = config.training
     accelerator = Accelerator(
+        cpu=_distributed_without_gpu(),
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         # Each stage freezes part of the model; DDP must not wait for gradients that never come.

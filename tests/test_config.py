@@ -1,0 +1,76 @@
+"""YAML + command-line configuration: precedence, types and errors that name the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmrec.config import ConfigError, ExperimentConfig, LoraSettings, load_config, parse_overrides, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_loads_with_defaults_filled():
+    config = load_config(REPO / "configs" / "ml100k.yaml")
+    assert isinstance(config, ExperimentConfig)
+    assert config.data.path is None and config.model.encoder is None
+    assert config.retrieval.num_candidates == 100
+    assert config.lora is None
+
+
+def test_overrides_beat_yaml_and_are_typed(tmp_path):
+    (tmp_path / "c.yaml").write_text("training:\n  retrieval_epochs: 7\n  seed: 1\nmodel:\n  dropout: 0.2\n")
+    config = load_config(
+        tmp_path / "c.yaml",
+        ["--training.retrieval_epochs", "3", "--model.use_id_embeddings=false", "--evaluation.ks", "[5, 10]"],
+    )
+    assert config.training.retrieval_epochs == 3 and isinstance(config.training.retrieval_epochs, int)
+    assert config.training.seed == 1
+    assert config.model.dropout == 0.2
+    assert config.model.use_id_embeddings is False
+    assert config.evaluation.ks == [5, 10]
+
+
+def test_lora_section_switches_on_with_defaults():
+    assert load_config(overrides={"lora": True}).lora == LoraSettings()
+    assert load_config(overrides=["--lora.r", "4"]).lora.r == 4
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    config = load_config(overrides=["--lora.r", "4", "--training.seed", "9"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_parse_overrides_nests_keys():
+    assert parse_overrides(["--a.b", "1", "--a.c=x", "--d", "null"]) == {"a": {"b": 1, "c": "x"}, "d": None}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--training.retrieval_epoch", "1"], "Did you mean 'retrieval_epochs'"),
+        (["--trainig.seed", "1"], "Did you mean 'training'"),
+        (["--training.seed", "abc"], "training.seed must be an integer"),
+        (["--training.retrieval_learning_rate", "-0.1"], "retrieval_learning_rate must be positive"),
+        (["--lora.r", "0"], "lora.r must be a positive integer"),
+        (["--retrieval.num_candidates", "0"], "num_candidates must be positive"),
+        (["--evaluation.ks", "[10, 200]"], "go beyond retrieval.num_candidates"),
+        (["--model.pooling", "max"], "model.pooling must be one of"),
+        (["--model.use_id_embeddings", "maybe"], "must be true or false"),
+        (["--training.seed"], "has no value"),
+        (["training.seed=1"], "overrides look like"),
+    ],
+)
+def test_bad_values_name_the_problem(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_missing_or_invalid_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("training: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
