@@ -251,6 +251,9 @@ class LlmRecModel(LlmRecPreTrainedModel):
         self.user_encoder = UserEncoder(config)
         self.reranker = CrossAttentionReranker(config)
         self.post_init()
+        # An untrained head adds exactly zero, so reranking starts as the retrieval ranking.
+        nn.init.zeros_(self.reranker.scorer[-1].weight)
+        nn.init.zeros_(self.reranker.scorer[-1].bias)
 
     @classmethod
     def from_encoder(cls, encoder_name_or_path: str, **config_kwargs) -> "LlmRecModel":

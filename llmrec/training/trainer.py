@@ -161,13 +161,15 @@ class LlmRecTrainer:
         unwrapped = accelerator.unwrap_model(self.model)
         parameters = [parameter for parameter in unwrapped.parameters() if parameter.requires_grad]
         if not parameters or epochs == 0:
-            metrics = evaluate()
-            logger.info("%s: nothing to train; valid %s", stage, metrics)
+            metrics = {**evaluate(), "epoch": 0}
+            logger.info("%s: nothing to train; valid %s", stage, _format(metrics))
             return metrics
         optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=settings.weight_decay)
         model, optimizer, loader = accelerator.prepare(self.model, optimizer, loader)
-        best_metrics: dict[str, float] = {}
-        best_state: Optional[dict[str, torch.Tensor]] = None
+        # Epoch 0 is the starting point: a stage that never beats it on validation keeps its initial weights.
+        best_metrics = {**evaluate(), "epoch": 0}
+        best_state = self._trainable_state(unwrapped)
+        logger.info("%s before training: valid %s", stage, _format(best_metrics))
         evaluations_without_gain = 0
         global_step = 0
         for epoch in range(1, epochs + 1):
@@ -194,23 +196,26 @@ class LlmRecTrainer:
                 self.refresh_item_cache()
             metrics = evaluate()
             logger.info("%s epoch %d: loss %.4f, valid %s", stage, epoch, mean_loss, _format(metrics))
-            if not best_metrics or metrics[SELECTION_METRIC] > best_metrics[SELECTION_METRIC]:
+            if metrics[SELECTION_METRIC] > best_metrics[SELECTION_METRIC]:
                 best_metrics = {**metrics, "epoch": epoch}
-                best_state = {name: p.detach().clone() for name, p in unwrapped.named_parameters() if p.requires_grad}
+                best_state = self._trainable_state(unwrapped)
                 evaluations_without_gain = 0
             else:
                 evaluations_without_gain += 1
                 if settings.early_stopping_patience and evaluations_without_gain >= settings.early_stopping_patience:
                     logger.info("%s: early stop after epoch %d (best epoch %d).", stage, epoch, best_metrics["epoch"])
                     break
-        if best_state is not None:
-            unwrapped.load_state_dict(best_state, strict=False)
-            if stage == "retrieval":
-                self.refresh_item_cache()
+        unwrapped.load_state_dict(best_state, strict=False)
+        if stage == "retrieval":
+            self.refresh_item_cache()
         self.model = accelerator.unwrap_model(model)
         accelerator.free_memory()
         unwrapped.eval()
         return best_metrics
+
+    @staticmethod
+    def _trainable_state(model: LlmRecModel) -> dict[str, torch.Tensor]:
+        return {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
 
     @staticmethod
     def _train_mode(model: LlmRecModel, stage: str) -> None:
@@ -290,4 +295,4 @@ def rerank_score_function(pipeline: CandidatePipeline, num_items: int) -> Callab
 
 
 def _format(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key != "num_users")
+    return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key not in ("num_users", "epoch"))
