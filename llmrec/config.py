@@ -102,7 +102,7 @@ class ModelSettings:
     id_dropout: float = field(
         default=0.1, metadata={"help": "Probability of dropping an item's ID embedding during training."}
     )
-    temperature: float = field(default=0.05, metadata={"help": "Softmax temperature over cosine scores."})
+    similarity_temperature: float = field(default=0.05, metadata={"help": "Softmax temperature over cosine scores."})
 
     def validate(self) -> None:
         _check_choice("model.pooling", self.pooling, ["mean", "cls"])
@@ -113,8 +113,8 @@ class ModelSettings:
         for name in ("user_num_heads", "rerank_num_heads"):
             if self.hidden_size % getattr(self, name):
                 raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.{name}.")
-        if self.temperature <= 0:
-            raise ConfigError(f"model.temperature must be positive, got {self.temperature}.")
+        if self.similarity_temperature <= 0:
+            raise ConfigError(f"model.similarity_temperature must be positive, got {self.similarity_temperature}.")
 
 
 @dataclass

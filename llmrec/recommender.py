@@ -43,7 +43,6 @@ class Recommender:
         item_texts: Sequence[str],
         item_popularity: Sequence[float],
         index: Optional[ItemIndex] = None,
-        num_candidates: int = 100,
     ) -> None:
         if len(item_ids) != model.config.num_items:
             raise ModelFolderError(
@@ -61,7 +60,7 @@ class Recommender:
                 f"The FAISS index holds {index.num_items} items but the catalogue has {len(self.item_ids)}; "
                 "rebuild the index from this model (llmrec.retrieval.build_item_index)."
             )
-        self.pipeline = CandidatePipeline(model, index, num_candidates=num_candidates)
+        self.pipeline = CandidatePipeline(model, index, num_candidates=model.config.num_candidates)
 
     # ----- loading and saving -----------------------------------------------------------------------
 
@@ -87,7 +86,6 @@ class Recommender:
         model = LlmRecModel.from_pretrained(folder, use_safetensors=True).to(device)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         catalogue = Dataset.from_parquet(str(folder / CATALOGUE_FILE))
-        num_candidates = json.loads((folder / "config.json").read_text()).get("num_candidates", 100)
         return cls(
             model,
             tokenizer,
@@ -95,7 +93,6 @@ class Recommender:
             catalogue["text"],
             catalogue["popularity"],
             index=ItemIndex.load(folder / INDEX_FILE),
-            num_candidates=num_candidates,
         )
 
     def save_pretrained(self, save_directory: Union[str, Path]) -> None:
@@ -104,7 +101,6 @@ class Recommender:
         save_directory.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=save_directory))
         try:
-            self.model.config.num_candidates = self.pipeline.num_candidates
             self.model.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
             Dataset.from_dict(

@@ -99,3 +99,19 @@ def test_script_reports_config_errors_without_traceback(tmp_path):
     assert "Unknown config key 'retrieval_epoch'" in completed.stderr
     assert "Did you mean 'retrieval_epochs'" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_and_step_checkpoints(tmp_path, planted_data_dir, tiny_encoder_dir):
+    overrides = tiny_overrides(planted_data_dir, tiny_encoder_dir, tmp_path / "bf16")
+    overrides["training"].update(
+        {"retrieval_epochs": 2, "rerank_epochs": 1, "mixed_precision": "bf16", "checkpoint_every_steps": 2,
+         "gradient_accumulation_steps": 2}
+    )
+    completed = _run_script([sys.executable, "scripts/finetune.py"], tmp_path, overrides)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = assert_run_outputs(tmp_path / "bf16")
+    assert results["config"]["training"]["mixed_precision"] == "bf16"
+    checkpoints = sorted(path.name for path in (tmp_path / "bf16" / "checkpoints").iterdir())
+    assert 1 <= len(checkpoints) <= 2, checkpoints  # only the most recent two are kept
+    assert all((tmp_path / "bf16" / "checkpoints" / name / "model.safetensors").is_file() for name in checkpoints)

@@ -35,6 +35,7 @@ class LlmRecConfig(PretrainedConfig):
         use_id_embeddings: bool = True,
         id_dropout: float = 0.1,
         similarity_temperature: float = 0.05,
+        num_candidates: int = 100,
         format_version: int = MODEL_FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -61,5 +62,6 @@ class LlmRecConfig(PretrainedConfig):
         self.use_id_embeddings = use_id_embeddings
         self.id_dropout = id_dropout
         self.similarity_temperature = similarity_temperature
+        self.num_candidates = num_candidates
         self.format_version = format_version
         super().__init__(**kwargs)

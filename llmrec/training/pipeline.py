@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -97,25 +98,13 @@ def run_finetune(config: ExperimentConfig) -> dict[str, Any]:
     stage_start = time.perf_counter()
     encoder_path = resolve_encoder(config)
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-    model_settings = config.model
+    model_settings = {name: value for name, value in dataclasses.asdict(config.model).items() if name != "encoder"}
     model = LlmRecModel.from_encoder(
-        encoder_path,
-        pooling=model_settings.pooling,
-        max_text_length=model_settings.max_text_length,
-        num_items=split.num_items,
-        hidden_size=model_settings.hidden_size,
-        max_history_length=model_settings.max_history_length,
-        user_num_layers=model_settings.user_num_layers,
-        user_num_heads=model_settings.user_num_heads,
-        rerank_num_heads=model_settings.rerank_num_heads,
-        dropout=model_settings.dropout,
-        use_id_embeddings=model_settings.use_id_embeddings,
-        id_dropout=model_settings.id_dropout,
-        temperature=model_settings.temperature,
+        encoder_path, num_items=split.num_items, num_candidates=config.retrieval.num_candidates, **model_settings
     ).to(accelerator.device)
     popularity = split.item_popularity()
     model.warm_items.copy_(torch.as_tensor(popularity > 0))
-    tokenized_items = tokenize_item_texts(tokenizer, split.item_texts, model_settings.max_text_length)
+    tokenized_items = tokenize_item_texts(tokenizer, split.item_texts, config.model.max_text_length)
     encode_catalogue(model, tokenized_items, settings.encode_batch_size, show_progress=accelerator.is_local_main_process)
     if config.lora is not None:
         add_lora(model, config)
@@ -154,10 +143,7 @@ def run_finetune(config: ExperimentConfig) -> dict[str, Any]:
         model = model.cpu()
         if config.lora is not None:
             merge_lora(model, output_dir)
-        recommender = Recommender(
-            model, tokenizer, split.item_ids, split.item_texts, popularity[1:], index=pipeline.index,
-            num_candidates=config.retrieval.num_candidates,
-        )
+        recommender = Recommender(model, tokenizer, split.item_ids, split.item_texts, popularity[1:], index=pipeline.index)
         recommender.save_pretrained(output_dir)
         save_config(config, output_dir / "config.yaml")
         timings["saving_seconds"] = time.perf_counter() - stage_start
