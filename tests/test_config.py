@@ -74,3 +74,12 @@ def test_missing_or_invalid_yaml_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("training: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_encoder_path_that_does_not_exist_is_named(tmp_path):
+    from llmrec.training.pipeline import default_encoder_path, resolve_encoder
+
+    config = load_config(overrides={"model": {"encoder": str(tmp_path / "no-such-model")}})
+    with pytest.raises(ConfigError, match="no-such-model"):
+        resolve_encoder(config)
+    assert resolve_encoder(load_config()) == default_encoder_path()

@@ -47,12 +47,20 @@ def test_extra_padding_never_changes_scores(model):
     torch.testing.assert_close(short_scores, long_scores, atol=1e-5, rtol=1e-5)
 
 
-def test_fully_padded_history_gives_finite_scores_and_gradients(model):
+@pytest.mark.parametrize("output_attentions", [False, True], ids=["sdpa", "explicit-weights"])
+def test_fully_padded_history_gives_finite_scores_and_gradients(model, output_attentions):
     model.train()
     history = torch.zeros(2, 5, dtype=torch.long)
     history[1, -2:] = torch.tensor([4, 6])
-    output = model(history, candidate_item_indices=torch.tensor([[1, 2, 3], [4, 5, 6]]), candidate_labels=torch.tensor([0, 2]))
+    output = model(
+        history,
+        candidate_item_indices=torch.tensor([[1, 2, 3], [4, 5, 6]]),
+        candidate_labels=torch.tensor([0, 2]),
+        output_attentions=output_attentions,
+    )
     assert torch.isfinite(output.logits).all()
+    if output_attentions:
+        assert output.attentions[0].abs().sum() == 0  # an empty history attends to nothing
     output.loss.backward()
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:
