@@ -73,7 +73,13 @@ class Recommender:
                 raise ModelFolderError(f"Model folder {folder} does not exist; pass the output_dir of a finetune run.")
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(str(path_or_repo_id)))
+            try:
+                folder = Path(snapshot_download(str(path_or_repo_id)))
+            except Exception as error:  # offline, unknown repo, no permission: one clear message
+                raise ModelFolderError(
+                    f"{path_or_repo_id} is neither a local model folder nor a Hub repo that could be downloaded "
+                    f"({type(error).__name__}: {error})."
+                ) from error
         missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
         if missing:
             raise ModelFolderError(f"Model folder {folder} is missing {', '.join(missing)}; save it again with save_pretrained.")

@@ -95,6 +95,8 @@ def test_loaded_folder_scores_like_the_saved_one(recommender, tmp_path, user_his
 def test_missing_files_are_named(trained_run, tmp_path):
     with pytest.raises(ModelFolderError, match="does not exist"):
         Recommender.from_pretrained(tmp_path / "absent")
+    with pytest.raises(ModelFolderError, match="neither a local model folder nor a Hub repo"):
+        Recommender.from_pretrained("runs-that-do-not-exist/ml100k")
     output_dir, _ = trained_run
     partial = tmp_path / "partial"
     partial.mkdir()
