@@ -120,6 +120,11 @@ class ModelSettings:
 @dataclass
 class TrainingSettings:
     seed: int = 42
+    cpu_threads: Optional[int] = field(
+        default=None,
+        metadata={"help": "PyTorch CPU threads per process; None = CPU cores / local processes "
+                  "(accelerate launch would otherwise pin 1)."},
+    )
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (passed to Accelerate)."})
     gradient_accumulation_steps: int = 1
     checkpoint_every_steps: int = field(default=0, metadata={"help": "Save Accelerate state every N steps; 0 = off."})
@@ -156,6 +161,8 @@ class TrainingSettings:
                      "rerank_batch_size", "encode_batch_size", "rerank_positions_per_user", "num_sampled_negatives"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"training.{name} must be positive, got {getattr(self, name)}.")
+        if self.cpu_threads is not None and self.cpu_threads <= 0:
+            raise ConfigError(f"training.cpu_threads must be positive or null, got {self.cpu_threads}.")
         for name in ("retrieval_epochs", "rerank_epochs", "checkpoint_every_steps", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"training.{name} must be >= 0, got {getattr(self, name)}.")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import BertConfig
+from transformers import AutoModel, BertConfig
 
 from llmrec.modeling import IGNORE_INDEX, LlmRecConfig, LlmRecModel, pad_histories
 
@@ -125,6 +125,7 @@ def test_save_and_load_round_trip(model, tmp_path):
     assert (tmp_path / "model.safetensors").is_file()
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llmrec"
     loaded = LlmRecModel.from_pretrained(tmp_path).eval()
+    assert isinstance(AutoModel.from_pretrained(tmp_path), LlmRecModel)  # registered with the Auto classes
     history = pad_histories([[3, 8, 1]], 12)
     candidates = torch.tensor([[2, 5, 11]])
     torch.testing.assert_close(loaded.item_text_embeddings, model.item_text_embeddings)

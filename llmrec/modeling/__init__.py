@@ -1,5 +1,11 @@
+from transformers import AutoConfig, AutoModel
+
 from .configuration_llmrec import MODEL_FORMAT_VERSION, LlmRecConfig
 from .modeling_llmrec import IGNORE_INDEX, CrossAttentionReranker, LlmRecModel, LlmRecOutput, UserEncoder, pad_histories
+
+# Registered so Auto classes (AutoTokenizer reading config.json, AutoModel) know the "llmrec" model type.
+AutoConfig.register("llmrec", LlmRecConfig, exist_ok=True)
+AutoModel.register(LlmRecConfig, LlmRecModel, exist_ok=True)
 
 __all__ = [
     "MODEL_FORMAT_VERSION",

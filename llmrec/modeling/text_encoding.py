@@ -40,7 +40,7 @@ def encode_catalogue(
     lengths = attention_mask[1:].sum(dim=1)
     order = torch.argsort(lengths, descending=True) + 1
     embeddings = torch.zeros_like(model.item_text_embeddings)
-    for start in tqdm(range(0, len(order), batch_size), desc="encode items", disable=not show_progress, leave=False):
+    for start in tqdm(range(0, len(order), batch_size), desc="encode items", disable=None if show_progress else True, leave=False):
         rows = order[start : start + batch_size]
         width = int(attention_mask[rows].sum(dim=1).max())
         embeddings[rows.to(device)] = model.encode_item_texts(

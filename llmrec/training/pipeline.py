@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -74,6 +74,13 @@ def _distributed_without_gpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def set_cpu_threads(requested: Optional[int], local_processes: int) -> int:
+    """Use the cores: `accelerate launch` without --cpu exports OMP_NUM_THREADS=1 to every process."""
+    threads = requested or max(1, (os.cpu_count() or 1) // max(1, local_processes))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def run_finetune(config: ExperimentConfig) -> dict[str, Any]:
     """Train both stages, evaluate popularity / retrieval / rerank, and save everything to `output_dir`."""
     started = time.perf_counter()
@@ -86,6 +93,9 @@ def run_finetune(config: ExperimentConfig) -> dict[str, Any]:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(settings.seed)
+    if accelerator.device.type == "cpu":
+        threads = set_cpu_threads(settings.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+        logger.info("Training on CPU with %d thread(s) per process, %d process(es).", threads, accelerator.num_processes)
     output_dir = Path(config.output_dir)
     timings: dict[str, float] = {}
 

@@ -175,7 +175,11 @@ class LlmRecTrainer:
         for epoch in range(1, epochs + 1):
             self._train_mode(unwrapped, stage)
             losses = []
-            progress = tqdm(loader, desc=f"{stage} epoch {epoch}/{epochs}", disable=not accelerator.is_local_main_process, leave=False)
+            # disable=None: a bar on a terminal, none in log files.
+            progress = tqdm(
+                loader, desc=f"{stage} epoch {epoch}/{epochs}", leave=False,
+                disable=None if accelerator.is_local_main_process else True,
+            )
             for batch in progress:
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
