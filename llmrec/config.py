@@ -138,7 +138,7 @@ class TrainingSettings:
     retrieval_learning_rate: float = 1e-3
     loss: str = field(
         default="auto",
-        metadata={"help": "full_softmax | sampled_softmax | auto (full when the encoder is frozen)."},
+        metadata={"help": "full_softmax | sampled_softmax | auto (full when the encoder is frozen and the logits fit)."},
     )
     num_sampled_negatives: int = field(default=1024, metadata={"help": "Negatives for sampled_softmax."})
     # Stage 2: reranking head.

@@ -83,3 +83,12 @@ def test_encoder_path_that_does_not_exist_is_named(tmp_path):
     with pytest.raises(ConfigError, match="no-such-model"):
         resolve_encoder(config)
     assert resolve_encoder(load_config()) == default_encoder_path()
+
+
+def test_auto_loss_is_full_softmax_only_where_it_fits():
+    from llmrec.training.trainer import choose_retrieval_loss
+
+    assert choose_retrieval_loss(load_config(), num_items=1682) == "full_softmax"
+    assert choose_retrieval_loss(load_config(), num_items=1_000_000) == "sampled_softmax"
+    assert choose_retrieval_loss(load_config(overrides={"lora": True}), num_items=1682) == "sampled_softmax"
+    assert choose_retrieval_loss(load_config(overrides=["--training.loss", "full_softmax"]), num_items=10**6) == "full_softmax"

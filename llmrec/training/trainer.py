@@ -30,6 +30,21 @@ from .examples import RerankExample, collate_next_item, collate_rerank, next_ite
 logger = logging.getLogger(__name__)
 
 SELECTION_METRIC = "ndcg@10"
+# Largest full-softmax logits tensor per batch (positions x catalogue, fp32) that `loss: auto` allows: 1 GiB.
+FULL_SOFTMAX_MAX_LOGITS = 2**28
+
+
+def choose_retrieval_loss(config: ExperimentConfig, num_items: int) -> str:
+    """Full softmax over the catalogue where it fits and the item cache is fixed; sampled softmax otherwise.
+
+    With LoRA the item side changes every step, and scoring the whole catalogue would mean re-encoding it.
+    """
+    if config.training.loss != "auto":
+        return config.training.loss
+    logits_per_batch = config.training.retrieval_batch_size * config.model.max_history_length * (num_items + 1)
+    if config.lora is not None or logits_per_batch > FULL_SOFTMAX_MAX_LOGITS:
+        return "sampled_softmax"
+    return "full_softmax"
 
 
 class LlmRecTrainer:
@@ -54,8 +69,7 @@ class LlmRecTrainer:
         self.accelerator = accelerator
         self.tokenized_items = tokenized_items
         self.encoder_trainable = config.lora is not None
-        loss = config.training.loss
-        self.loss_type = loss if loss != "auto" else ("sampled_softmax" if self.encoder_trainable else "full_softmax")
+        self.loss_type = choose_retrieval_loss(config, split.num_items)
         popularity = torch.as_tensor(split.item_popularity(), dtype=torch.float)
         # Negatives are drawn in proportion to popularity (+1 so unseen items can be drawn); logQ
         # subtracts the log of that probability so the sampled softmax estimates the full one.
@@ -69,9 +83,8 @@ class LlmRecTrainer:
     def train_retrieval(self) -> dict[str, float]:
         """Stage 1: next-item prediction over whole histories; returns the best validation metrics."""
         settings = self.config.training
-        model = self.model
         self._set_trainable(lambda name: not name.startswith("reranker."))
-        max_length = model.config.max_history_length
+        max_length = self.model.config.max_history_length
         windows = next_item_windows(self.split.train_sequences, max_length)
         loader = DataLoader(
             windows,
@@ -122,7 +135,6 @@ class LlmRecTrainer:
     def train_reranker(self) -> dict[str, float]:
         """Stage 2: listwise softmax over FAISS candidates (hard negatives) of recent training positions."""
         settings = self.config.training
-        self.refresh_item_cache()
         self._set_trainable(lambda name: name.startswith("reranker."))
         pipeline = self.candidate_pipeline()
         histories, targets = rerank_prefixes(self.split.train_sequences, settings.rerank_positions_per_user)
