@@ -147,3 +147,13 @@ def test_save_and_load_round_trip(model, tmp_path):
 def test_config_rejects_impossible_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LlmRecConfig(**kwargs)
+
+
+def test_logq_correction_uses_inclusion_probability():
+    from llmrec.training.trainer import log_inclusion_probability
+
+    probabilities = torch.tensor([1e-6, 0.01, 0.5], dtype=torch.float64)
+    log_q = log_inclusion_probability(probabilities, num_samples=100)
+    torch.testing.assert_close(log_q[0], torch.log(torch.tensor(100 * 1e-6, dtype=torch.float64)), rtol=1e-3, atol=0)
+    torch.testing.assert_close(log_q[1], torch.log(torch.tensor(1 - 0.99**100, dtype=torch.float64)))
+    assert abs(log_q[2]) < 1e-12  # drawn almost surely: no correction

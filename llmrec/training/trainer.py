@@ -34,6 +34,15 @@ SELECTION_METRIC = "ndcg@10"
 FULL_SOFTMAX_MAX_LOGITS = 2**28
 
 
+def log_inclusion_probability(probabilities: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """log P(item drawn at least once in `num_samples` draws with replacement) = log(1 - (1 - p)^n).
+
+    This, not log p, is the logQ correction for a deduplicated sample: a popular item that is in nearly
+    every sample must not be pushed down by log p (the expected-count form TensorFlow's samplers use).
+    """
+    return torch.log(-torch.expm1(num_samples * torch.log1p(-probabilities)))
+
+
 def choose_retrieval_loss(config: ExperimentConfig, num_items: int) -> str:
     """Full softmax over the catalogue where it fits and the item cache is fixed; sampled softmax otherwise.
 
@@ -72,7 +81,7 @@ class LlmRecTrainer:
         self.loss_type = choose_retrieval_loss(config, split.num_items)
         popularity = torch.as_tensor(split.item_popularity(), dtype=torch.float)
         # Negatives are drawn in proportion to popularity (+1 so unseen items can be drawn); logQ
-        # subtracts the log of that probability so the sampled softmax estimates the full one.
+        # subtracts the log of each item's chance to be in the sample, so the sampled softmax estimates the full one.
         self.sampling_probabilities = (popularity + 1).index_fill(0, torch.tensor([0]), 0.0)
         self.sampling_probabilities /= self.sampling_probabilities.sum()
         self.checkpoint_dir = Path(config.output_dir) / "checkpoints"
@@ -107,7 +116,9 @@ class LlmRecTrainer:
             negatives = torch.multinomial(self.sampling_probabilities, self.config.training.num_sampled_negatives, replacement=True)
             sampled = torch.unique(torch.cat([targets[targets > 0], negatives]))
             batch["sampled_item_indices"] = sampled
-            batch["sampled_log_q"] = self.sampling_probabilities[sampled].log()
+            batch["sampled_log_q"] = log_inclusion_probability(
+                self.sampling_probabilities[sampled], self.config.training.num_sampled_negatives
+            )
         if self.encoder_trainable:
             touched = [batch["history_item_indices"].flatten(), batch["target_item_indices"].flatten()]
             if "sampled_item_indices" in batch:
