@@ -144,7 +144,7 @@ class ItemIndex:
                 "num_items": self.num_items,
             },
         )
-        logger.info("Saved item index with %d items (dim %d) to %s", self.num_items, self.dim, path)
+        logger.debug("Saved item index with %d items (dim %d) to %s", self.num_items, self.dim, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ItemIndex":
