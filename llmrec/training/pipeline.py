@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
@@ -89,8 +89,6 @@ def run_finetune(config: ExperimentConfig) -> dict[str, Any]:
         cpu=_distributed_without_gpu(),
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        # Each stage freezes part of the model; DDP must not wait for gradients that never come.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(settings.seed)
     if accelerator.device.type == "cpu":
