@@ -152,8 +152,7 @@ class Recommender:
                 results[row] = self._popular(set(), k)
         if warm:
             warm_histories = [index_histories[row] for row in warm]
-            _, candidates = self.pipeline.retrieve(warm_histories, max(k, self.pipeline.num_candidates))
-            scores, _ = self.pipeline.rerank(warm_histories, candidates)
+            candidates, scores = self.pipeline.retrieve_and_rerank(warm_histories, max(k, self.pipeline.num_candidates))
             scores = scores.float().cpu().numpy()
             for position, row in enumerate(warm):
                 order = np.argsort(-scores[position], kind="stable")

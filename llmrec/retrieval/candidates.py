@@ -41,23 +41,41 @@ class CandidatePipeline:
     def device(self) -> torch.device:
         return self.item_embeddings.device
 
+    def _padded(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        return pad_histories(histories, self.model.config.max_history_length, self.device)
+
     @torch.inference_mode()
     def user_embeddings(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        padded = pad_histories(histories, self.model.config.max_history_length, self.device)
-        return self.model.encode_users(padded, self.item_embeddings)[:, -1]
+        return self.model.encode_users(self._padded(histories), self.item_embeddings)[:, -1]
 
-    def retrieve(self, histories: Sequence[Sequence[int]], k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def retrieve(
+        self, histories: Sequence[Sequence[int]], k: int | None = None, user_embeddings: torch.Tensor | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, item indices) per history from FAISS; scores are cosine / temperature."""
-        query = self.user_embeddings(histories).float().cpu().numpy()
+        if user_embeddings is None:
+            user_embeddings = self.user_embeddings(histories)
         exclude = histories if self.exclude_history else None
-        scores, indices = self.index.search(query, k or self.num_candidates, exclude=exclude)
+        scores, indices = self.index.search(user_embeddings.float().cpu().numpy(), k or self.num_candidates, exclude=exclude)
         return scores / self.model.config.similarity_temperature, indices
 
     @torch.inference_mode()
     def rerank(
-        self, histories: Sequence[Sequence[int]], candidate_indices: torch.Tensor | np.ndarray, output_attentions: bool = False
+        self,
+        histories: Sequence[Sequence[int]],
+        candidate_indices: torch.Tensor | np.ndarray,
+        output_attentions: bool = False,
+        user_embeddings: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores of (B, C) candidate item indices (0 = padding -> -inf) for each history, in one batched call."""
         candidates = torch.as_tensor(candidate_indices, dtype=torch.long, device=self.device)
-        padded = pad_histories(histories, self.model.config.max_history_length, self.device)
-        return self.model.score_candidates(padded, candidates, self.item_embeddings, output_attentions=output_attentions)
+        return self.model.score_candidates(
+            self._padded(histories), candidates, self.item_embeddings, user_embeddings, output_attentions
+        )
+
+    @torch.inference_mode()
+    def retrieve_and_rerank(self, histories: Sequence[Sequence[int]], k: int | None = None) -> tuple[np.ndarray, torch.Tensor]:
+        """FAISS candidates and their reranked scores, encoding each user once for both steps."""
+        user_embeddings = self.user_embeddings(histories)
+        _, candidate_indices = self.retrieve(histories, k, user_embeddings)
+        scores, _ = self.rerank(histories, candidate_indices, user_embeddings=user_embeddings)
+        return candidate_indices, scores

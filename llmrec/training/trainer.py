@@ -314,8 +314,7 @@ def rerank_score_function(pipeline: CandidatePipeline, num_items: int) -> Callab
     """FAISS top-N reranked by the head; an item the retriever missed stays at -inf, i.e. a miss."""
 
     def score(histories):
-        _, candidate_indices = pipeline.retrieve(histories)
-        candidate_scores, _ = pipeline.rerank(histories, candidate_indices)
+        candidate_indices, candidate_scores = pipeline.retrieve_and_rerank(histories)
         return scores_from_candidates(torch.as_tensor(candidate_indices), candidate_scores.cpu(), num_items)
 
     return score
