@@ -115,6 +115,9 @@ class ModelSettings:
                 raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.{name}.")
         if self.similarity_temperature <= 0:
             raise ConfigError(f"model.similarity_temperature must be positive, got {self.similarity_temperature}.")
+        for name in ("dropout", "id_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}.")
 
 
 @dataclass

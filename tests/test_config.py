@@ -58,6 +58,8 @@ def test_parse_overrides_nests_keys():
         (["--retrieval.num_candidates", "0"], "num_candidates must be positive"),
         (["--evaluation.ks", "[10, 200]"], "go beyond retrieval.num_candidates"),
         (["--model.pooling", "max"], "model.pooling must be one of"),
+        (["--model.dropout", "1.5"], r"model.dropout must be in \[0, 1\)"),
+        (["--model.id_dropout", "-0.1"], r"model.id_dropout must be in \[0, 1\)"),
         (["--model.use_id_embeddings", "maybe"], "must be true or false"),
         (["--training.seed"], "has no value"),
         (["training.seed=1"], "overrides look like"),

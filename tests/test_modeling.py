@@ -116,8 +116,11 @@ def test_full_and_sampled_softmax_losses(model):
     assert torch.isfinite(full) and full > 0
     # With every item sampled and no correction, the sampled softmax equals the full one.
     every_item = torch.arange(1, NUM_ITEMS + 1)
-    sampled = model(history, target_item_indices=targets, sampled_item_indices=every_item, sampled_log_q=torch.zeros(NUM_ITEMS)).loss
-    torch.testing.assert_close(full, sampled)
+    sampled_output = model(
+        history, target_item_indices=targets, sampled_item_indices=every_item, sampled_log_q=torch.zeros(NUM_ITEMS)
+    )
+    torch.testing.assert_close(full, sampled_output.loss)
+    assert sampled_output.logits is None  # no full-catalogue scores on the sampled path
 
 
 def test_save_and_load_round_trip(model, tmp_path):

@@ -344,9 +344,9 @@ class LlmRecModel(LlmRecPreTrainedModel):
 
         Retrieval: `target_item_indices` (B, L) holds the next item after every slot (IGNORE_INDEX where
         none); the loss is softmax cross-entropy over the whole catalogue, or, when `sampled_item_indices`
-        is given, over those items with the logQ correction `sampled_log_q` (sampled softmax, unbiased for
-        popularity-proportional sampling). Rerank: the loss is listwise cross-entropy over each user's
-        candidates, `candidate_labels` giving the positive's column.
+        is given, over those items with the logQ correction `sampled_log_q` (sampled softmax); `logits` are
+        then None, since scoring the whole catalogue is what sampling avoids. Rerank: the loss is listwise
+        cross-entropy over each user's candidates, `candidate_labels` giving the positive's column.
         """
         item_embeddings = self.item_embeddings(self._fresh_text_embeddings(text_inputs))
         user_states = self.encode_users(history_item_indices, item_embeddings)
@@ -356,7 +356,7 @@ class LlmRecModel(LlmRecPreTrainedModel):
             loss = None
             if target_item_indices is not None:
                 loss = self._retrieval_loss(user_states, item_embeddings, target_item_indices, sampled_item_indices, sampled_log_q)
-            logits = self.similarity(user_embeddings, item_embeddings)
+            logits = None if sampled_item_indices is not None else self.similarity(user_embeddings, item_embeddings)
             return LlmRecOutput(loss=loss, logits=logits, user_embeddings=user_embeddings)
 
         scores, attentions = self.score_candidates(
