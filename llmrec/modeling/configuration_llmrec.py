@@ -8,13 +8,16 @@ from transformers import PretrainedConfig
 
 # Bumped when the on-disk layout of a saved model changes incompatibly.
 MODEL_FORMAT_VERSION = 1
+ENCODER_WEIGHT_KINDS = ("full", "adapter")
 
 
 class LlmRecConfig(PretrainedConfig):
     """Settings of the item text encoder, the user encoder and the cross-attention reranking head.
 
     `encoder_config` holds the HF encoder's own config as a dict, so a saved model rebuilds its encoder
-    from `config.json` alone; `encoder_name_or_path` only records where its weights first came from.
+    from `config.json` alone. `encoder_name_or_path` records where the encoder's weights came from; it is
+    only read again when `encoder_weights` is "adapter", i.e. the folder holds a PEFT adapter for that base
+    model instead of full encoder weights.
     """
 
     model_type = "llmrec"
@@ -36,6 +39,7 @@ class LlmRecConfig(PretrainedConfig):
         id_dropout: float = 0.1,
         similarity_temperature: float = 0.05,
         num_candidates: int = 100,
+        encoder_weights: str = "full",
         format_version: int = MODEL_FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -46,6 +50,8 @@ class LlmRecConfig(PretrainedConfig):
         for name, heads in (("user_num_heads", user_num_heads), ("rerank_num_heads", rerank_num_heads)):
             if hidden_size % heads:
                 raise ValueError(f"hidden_size ({hidden_size}) must be divisible by {name} ({heads}).")
+        if encoder_weights not in ENCODER_WEIGHT_KINDS:
+            raise ValueError(f"encoder_weights must be one of {ENCODER_WEIGHT_KINDS}, got {encoder_weights!r}.")
         if similarity_temperature <= 0:
             raise ValueError(f"similarity_temperature must be positive, got {similarity_temperature}.")
         self.encoder_name_or_path = encoder_name_or_path
@@ -63,5 +69,6 @@ class LlmRecConfig(PretrainedConfig):
         self.id_dropout = id_dropout
         self.similarity_temperature = similarity_temperature
         self.num_candidates = num_candidates
+        self.encoder_weights = encoder_weights
         self.format_version = format_version
         super().__init__(**kwargs)

@@ -7,8 +7,10 @@ left-padded with 0 so the most recent item always sits in the last slot.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..errors import ModelFolderError
 from .configuration_llmrec import LlmRecConfig
+from .encoders import locate_encoder, portable_encoder_name
+
+# A LoRA-tuned encoder is saved as a PEFT adapter in this subfolder, beside the rest of the model.
+ENCODER_ADAPTER_FOLDER = "encoder_adapter"
+_BACKBONE_PREFIX = "item_encoder.backbone."
 
 IGNORE_INDEX = -100
 
@@ -258,18 +266,106 @@ class LlmRecModel(LlmRecPreTrainedModel):
     @classmethod
     def from_encoder(cls, encoder_name_or_path: str, **config_kwargs) -> "LlmRecModel":
         """A new model around pretrained encoder weights (a local path or hub id, loaded by HF)."""
-        encoder = AutoModel.from_pretrained(encoder_name_or_path, attn_implementation="sdpa")
+        encoder = AutoModel.from_pretrained(locate_encoder(str(encoder_name_or_path)), attn_implementation="sdpa")
         config = LlmRecConfig(
-            encoder_name_or_path=str(encoder_name_or_path), encoder_config=encoder.config.to_dict(), **config_kwargs
+            encoder_name_or_path=portable_encoder_name(str(encoder_name_or_path)),
+            encoder_config=encoder.config.to_dict(),
+            **config_kwargs,
         )
         model = cls(config)
         model.item_encoder.backbone.load_state_dict(encoder.state_dict())
         return model
 
+    # ----- saving and loading ------------------------------------------------------------------------
+
+    @property
+    def has_encoder_adapter(self) -> bool:
+        """True when the encoder is wrapped in PEFT (LoRA) adapters."""
+        return hasattr(self.item_encoder.backbone, "peft_config")
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
+        """Like `PreTrainedModel.save_pretrained`; a LoRA-tuned encoder is saved as a PEFT adapter.
+
+        The adapter records its base model by portable name, and `model.safetensors` then holds everything
+        but the frozen base encoder, so the folder stays small and the adapter can be reused or merged.
+        """
+        self.config.encoder_weights = "adapter" if self.has_encoder_adapter else "full"
+        if self.has_encoder_adapter:
+            backbone = self.item_encoder.backbone
+            for adapter_config in backbone.peft_config.values():
+                adapter_config.base_model_name_or_path = self.config.encoder_name_or_path
+            backbone.save_pretrained(Path(save_directory) / ENCODER_ADAPTER_FOLDER)
+            if kwargs.get("state_dict") is None:
+                kwargs["state_dict"] = {
+                    name: tensor for name, tensor in self.state_dict().items() if not name.startswith(_BACKBONE_PREFIX)
+                }
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> "LlmRecModel":
+        """Like `PreTrainedModel.from_pretrained`; a folder holding an encoder adapter gets base model + adapter."""
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir() and (folder / "config.json").is_file():
+            config = LlmRecConfig.from_pretrained(folder)
+            if config.encoder_weights == "adapter":
+                return cls._from_adapter_folder(folder, config, device=kwargs.get("device_map"))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def _from_adapter_folder(cls, folder: Path, config: LlmRecConfig, device: Optional[str] = None) -> "LlmRecModel":
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        adapter_folder = folder / ENCODER_ADAPTER_FOLDER
+        if not (adapter_folder / "adapter_config.json").is_file():
+            raise ModelFolderError(
+                f"{folder / 'config.json'} says the encoder is a PEFT adapter, but {adapter_folder}/adapter_config.json "
+                "is missing; copy the whole model folder, or save it again with save_pretrained."
+            )
+        model = cls(config)
+        missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+        missing = [name for name in missing if not name.startswith(_BACKBONE_PREFIX)]
+        if missing or unexpected:
+            raise ModelFolderError(
+                f"{folder / 'model.safetensors'} does not match {folder / 'config.json'}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}; save the model again with save_pretrained."
+            )
+        base_model = config.encoder_name_or_path
+        try:
+            base = AutoModel.from_pretrained(locate_encoder(base_model), attn_implementation="sdpa")
+        except OSError as error:
+            raise ModelFolderError(
+                f"The encoder adapter in {adapter_folder} needs its base model {base_model!r}, which could not be "
+                f"loaded ({error}); install it or download it, then load again."
+            ) from error
+        model.item_encoder.backbone = PeftModel.from_pretrained(base, adapter_folder)
+        return model.to(device or "cpu").eval()
+
     # ----- item side -------------------------------------------------------------------------------
 
     def encode_item_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.item_encoder(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def add_items(self, text_embeddings: torch.Tensor) -> None:
+        """Grow the catalogue by items known only by their text (cold items: no learned ID embedding).
+
+        They get the item indices after the current last one; nothing already learned changes.
+        """
+        count = len(text_embeddings)
+        device = self.item_text_embeddings.device
+        self.item_text_embeddings = torch.cat(
+            [self.item_text_embeddings, text_embeddings.to(device, self.item_text_embeddings.dtype)]
+        )
+        self.warm_items = torch.cat([self.warm_items, torch.zeros(count, dtype=torch.bool, device=device)])
+        if self.item_id_embeddings is not None:
+            old = self.item_id_embeddings.weight
+            grown = nn.Embedding(old.shape[0] + count, old.shape[1], padding_idx=0, device=device, dtype=old.dtype)
+            grown.weight.zero_()
+            grown.weight[: old.shape[0]] = old
+            grown.weight.requires_grad_(old.requires_grad)
+            self.item_id_embeddings = grown
+        self.config.num_items += count
 
     def item_embeddings(self, item_text_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Representations of the whole catalogue, (num_items + 1, hidden); row 0 stays zero."""

@@ -23,15 +23,15 @@ def tokenize_item_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
 
 
 @torch.inference_mode()
-def encode_catalogue(
+def embed_tokenized_items(
     model: LlmRecModel,
     tokenized_items: dict[str, torch.Tensor],
     batch_size: int = 256,
     show_progress: bool = True,
 ) -> torch.Tensor:
-    """Encode every item text once and store the result in `model.item_text_embeddings`.
+    """Pooled encoder outputs of tokenised items (row 0, the padding item, stays zero).
 
-    Batches are sorted by length so padding costs little; row 0 (padding) stays zero.
+    Batches are sorted by length so padding costs little.
     """
     was_training = model.training
     model.eval()
@@ -39,14 +39,33 @@ def encode_catalogue(
     device = model.item_text_embeddings.device
     lengths = attention_mask[1:].sum(dim=1)
     order = torch.argsort(lengths, descending=True) + 1
-    embeddings = torch.zeros_like(model.item_text_embeddings)
+    embeddings = torch.zeros(len(input_ids), model.item_encoder.output_size, dtype=model.item_text_embeddings.dtype, device=device)
     for start in tqdm(range(0, len(order), batch_size), desc="encode items", disable=None if show_progress else True, leave=False):
         rows = order[start : start + batch_size]
         width = int(attention_mask[rows].sum(dim=1).max())
         embeddings[rows.to(device)] = model.encode_item_texts(
             input_ids[rows, :width].to(device), attention_mask[rows, :width].to(device)
         ).to(embeddings.dtype)
-    model.item_text_embeddings.copy_(embeddings)
     model.train(was_training)
-    logger.info("Encoded %d item texts.", len(order))
     return embeddings
+
+
+def encode_catalogue(
+    model: LlmRecModel,
+    tokenized_items: dict[str, torch.Tensor],
+    batch_size: int = 256,
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """Encode every item text once and store the result in `model.item_text_embeddings` (the catalogue cache)."""
+    embeddings = embed_tokenized_items(model, tokenized_items, batch_size, show_progress)
+    model.item_text_embeddings.copy_(embeddings)
+    logger.info("Encoded %d item texts.", len(embeddings) - 1)
+    return embeddings
+
+
+def embed_item_texts(
+    model: LlmRecModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 256
+) -> torch.Tensor:
+    """Pooled encoder outputs (len(texts), encoder hidden size) of new item texts, e.g. items added after training."""
+    tokenized = tokenize_item_texts(tokenizer, texts, model.config.max_text_length)
+    return embed_tokenized_items(model, tokenized, batch_size, show_progress=len(texts) > batch_size)[1:]
