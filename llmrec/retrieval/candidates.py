@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -49,13 +49,25 @@ class CandidatePipeline:
         return self.model.encode_users(self._padded(histories), self.item_embeddings)[:, -1]
 
     def retrieve(
-        self, histories: Sequence[Sequence[int]], k: int | None = None, user_embeddings: torch.Tensor | None = None
+        self,
+        histories: Sequence[Sequence[int]],
+        k: int | None = None,
+        user_embeddings: torch.Tensor | None = None,
+        exclude: Sequence[Iterable[int]] | None = None,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, item indices) per history from FAISS; scores are cosine / temperature."""
+        """Top-k (scores, item indices) per history from FAISS; scores are cosine / temperature.
+
+        `exclude` (per history) replaces the default exclusion of the history itself; `allowed` limits
+        every history to those item indices.
+        """
         if user_embeddings is None:
             user_embeddings = self.user_embeddings(histories)
-        exclude = histories if self.exclude_history else None
-        scores, indices = self.index.search(user_embeddings.float().cpu().numpy(), k or self.num_candidates, exclude=exclude)
+        if exclude is None and self.exclude_history:
+            exclude = histories
+        scores, indices = self.index.search(
+            user_embeddings.float().cpu().numpy(), k or self.num_candidates, exclude=exclude, allowed=allowed
+        )
         return scores / self.model.config.similarity_temperature, indices
 
     @torch.inference_mode()
@@ -73,9 +85,15 @@ class CandidatePipeline:
         )
 
     @torch.inference_mode()
-    def retrieve_and_rerank(self, histories: Sequence[Sequence[int]], k: int | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    def retrieve_and_rerank(
+        self,
+        histories: Sequence[Sequence[int]],
+        k: int | None = None,
+        exclude: Sequence[Iterable[int]] | None = None,
+        allowed: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, torch.Tensor]:
         """FAISS candidates and their reranked scores, encoding each user once for both steps."""
         user_embeddings = self.user_embeddings(histories)
-        _, candidate_indices = self.retrieve(histories, k, user_embeddings)
+        _, candidate_indices = self.retrieve(histories, k, user_embeddings, exclude=exclude, allowed=allowed)
         scores, _ = self.rerank(histories, candidate_indices, user_embeddings=user_embeddings)
         return candidate_indices, scores

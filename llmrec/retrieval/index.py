@@ -63,6 +63,12 @@ class ItemIndex:
         if len(embeddings):
             self.faiss_index.add(embeddings)
 
+    def extended(self, item_embeddings: np.ndarray) -> "ItemIndex":
+        """A copy with new items appended; the original stays untouched, so searches running on it are safe."""
+        copy = ItemIndex(faiss.clone_index(self.faiss_index), normalize=self.normalize)
+        copy.add(item_embeddings)
+        return copy
+
     @property
     def num_items(self) -> int:
         return int(self.faiss_index.ntotal)
@@ -80,11 +86,14 @@ class ItemIndex:
         query_embeddings: np.ndarray,
         k: int,
         exclude: Sequence[Iterable[int]] | None = None,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items per query as (scores float32 (B, k), 1-based item_indices int64 (B, k)), best first.
 
-        `exclude[b]` holds item indices never to return for query b (its history). Missing slots
-        (catalogue exhausted) are index 0 with score -inf, so callers can treat them as misses.
+        `exclude[b]` holds item indices never to return for query b (its history). `allowed`, when given,
+        restricts every query to those item indices inside FAISS (an ID selector), so a narrow filter
+        needs no over-fetching. Missing slots (catalogue exhausted) are index 0 with score -inf, so
+        callers can treat them as misses.
         """
         if int(k) != k or k <= 0:
             raise ValueError(f"k must be a positive integer; got {k!r}.")
@@ -102,13 +111,20 @@ class ItemIndex:
 
         out_scores = np.full((batch_size, k), -np.inf, dtype=np.float32)
         out_indices = np.full((batch_size, k), PADDING_INDEX, dtype=np.int64)
-        fetch_k = min(k + max_excluded, self.num_items)
+        params = None
+        searchable = self.num_items
+        if allowed is not None:
+            allowed_rows = np.unique(np.asarray(allowed, dtype=np.int64)) - 1
+            allowed_rows = allowed_rows[(allowed_rows >= 0) & (allowed_rows < self.num_items)]
+            searchable = len(allowed_rows)
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed_rows))
+        fetch_k = min(k + max_excluded, searchable)
         if batch_size == 0 or fetch_k == 0:
             return out_scores, out_indices
 
         if self.normalize:
             faiss.normalize_L2(queries)
-        candidate_scores, candidate_rows = self.faiss_index.search(queries, fetch_k)
+        candidate_scores, candidate_rows = self.faiss_index.search(queries, fetch_k, params=params)
         candidate_indices = candidate_rows.astype(np.int64) + 1  # FAISS pads with row -1, which becomes padding index 0
         keep = candidate_indices != PADDING_INDEX
         if exclude_arrays is not None:
