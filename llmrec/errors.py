@@ -31,3 +31,7 @@ class UnknownItemError(LlmRecError, KeyError):
 
 class ModelFolderError(LlmRecError, OSError):
     """A saved model folder is missing a file, is corrupt or was written by an incompatible version."""
+
+
+class InvalidRequestError(LlmRecError, ValueError):
+    """A serving call got arguments it cannot honour (wrong id types, duplicate candidates, k <= 0...)."""

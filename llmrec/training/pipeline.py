@@ -14,13 +14,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
-from ..config import ConfigError, ExperimentConfig, save_config
+from ..config import ConfigError, ExperimentConfig
 from ..data import build_split, load_interaction_data
 from ..evaluation import evaluate_ranking, popularity_scores
 from ..modeling import LlmRecModel
 from ..modeling.text_encoding import encode_catalogue, tokenize_item_texts
 from ..recommender import Recommender
-from ..utils.io import write_json_atomic
 from .trainer import LlmRecTrainer, rerank_score_function, retrieval_score_function
 
 logger = logging.getLogger(__name__)
@@ -56,14 +55,6 @@ def add_lora(model: LlmRecModel, config: ExperimentConfig) -> None:
     )
     model.item_encoder.backbone = get_peft_model(model.item_encoder.backbone, peft_config)
     model.item_encoder.backbone.print_trainable_parameters()
-
-
-def merge_lora(model: LlmRecModel, output_dir: Path) -> None:
-    """Save the adapter as an adapter, then fold it into the encoder so the model folder loads without PEFT."""
-    backbone = model.item_encoder.backbone
-    if hasattr(backbone, "merge_and_unload"):
-        backbone.save_pretrained(output_dir / "encoder_adapter")
-        model.item_encoder.backbone = backbone.merge_and_unload()
 
 
 def _distributed_without_gpu() -> bool:
@@ -146,16 +137,7 @@ def run_finetune(config: ExperimentConfig) -> dict[str, Any]:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        stage_start = time.perf_counter()
-        output_dir.mkdir(parents=True, exist_ok=True)
-        model = model.cpu()
-        if config.lora is not None:
-            merge_lora(model, output_dir)
-        recommender = Recommender(model, tokenizer, split.item_ids, split.item_texts, popularity[1:], index=pipeline.index)
-        recommender.save_pretrained(output_dir)
-        save_config(config, output_dir / "config.yaml")
-        timings["saving_seconds"] = time.perf_counter() - stage_start
-        timings["total_seconds"] = time.perf_counter() - started
+        timings["total_seconds"] = time.perf_counter() - started  # up to saving, which records these numbers
         results.update(
             {
                 "best_valid_epochs": {"retrieval": best_retrieval.get("epoch"), "rerank": best_rerank.get("epoch")},
@@ -164,8 +146,14 @@ def run_finetune(config: ExperimentConfig) -> dict[str, Any]:
                 "config": config.to_dict(),
             }
         )
-        write_json_atomic(output_dir / "eval_results.json", results)
-        logger.info("Saved model, index and eval_results.json to %s (%.0f s in all).", output_dir, timings["total_seconds"])
+        # One atomic folder: model (a LoRA-tuned encoder as its adapter), index, eval_results.json,
+        # config.yaml and the model card rendered from them.
+        recommender = Recommender(
+            model.cpu(), tokenizer, split.item_ids, split.item_texts, popularity[1:], index=pipeline.index,
+            eval_results=results, training_config=config.to_dict(),
+        )
+        recommender.save_pretrained(output_dir)
+        logger.info("Saved model, index, model card and eval_results.json to %s.", output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
