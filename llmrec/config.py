@@ -7,8 +7,10 @@ defaults < YAML file < command-line overrides written as ``--section.field value
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +58,21 @@ class DataConfig:
     temporal_test_fraction: float = field(
         default=0.1, metadata={"help": "temporal split: share of interactions (by time) in the test window."}
     )
+    delimiter: Optional[str] = field(
+        default=None,
+        metadata={"help": "Field separator of csv/tsv/txt files, e.g. ';' or '|' ('\\t' or 'tab' = tab); "
+                  "None = ',' for csv, tab for tsv. RecBole and MovieLens files keep their own."},
+    )
+    encoding: str = field(
+        default="utf-8",
+        metadata={"help": "Text encoding of csv/tsv/jsonl and RecBole files, e.g. latin-1 or cp1252. "
+                  "MovieLens folders are read as UTF-8 with a latin-1 fallback (the official files are latin-1)."},
+    )
+    max_item_text_chars: int = field(
+        default=2000,
+        metadata={"help": "Rendered item texts longer than this are cut (with a warning); the tokenizer keeps only "
+                  "model.max_text_length tokens anyway, and this bounds memory for huge descriptions."},
+    )
 
     def validate(self) -> None:
         _check_choice("data.format", self.format, ["auto", "recbole", "movielens", "csv", "tsv", "jsonl", "parquet"])
@@ -64,6 +81,34 @@ class DataConfig:
             value = getattr(self, name)
             if not 0.0 < value < 0.5:
                 raise ConfigError(f"data.{name} must be in (0, 0.5), got {value}.")
+        if self.delimiter is not None:
+            separator = self.field_delimiter("csv")
+            if separator == "" or any(char in separator for char in "\r\n\"'"):
+                raise ConfigError(f"data.delimiter must be a non-empty separator without quotes or line breaks, "
+                                  f"got {self.delimiter!r}; e.g. ';', '|' or 'tab'.")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(f"data.encoding {self.encoding!r} is not a known text encoding; "
+                              "use e.g. utf-8, latin-1 or cp1252.") from None
+        if self.max_item_text_chars <= 0:
+            raise ConfigError(f"data.max_item_text_chars must be positive, got {self.max_item_text_chars}.")
+        columns = {"user_column": self.user_column, "item_column": self.item_column,
+                   "timestamp_column": self.timestamp_column, "rating_column": self.rating_column}
+        named = [(setting, name) for setting, name in columns.items() if name is not None]
+        for position, (setting, name) in enumerate(named):
+            for other_setting, other_name in named[position + 1:]:
+                if name == other_name:
+                    raise ConfigError(f"data.{setting} and data.{other_setting} both name column {name!r}; "
+                                      "each field needs its own column (set the optional ones to null if absent).")
+
+    def field_delimiter(self, file_format: str) -> str:
+        """The separator for a csv/tsv file: data.delimiter (with 'tab' and a typed '\\t' meaning tab) or the format's own."""
+        if self.delimiter is None:
+            return "\t" if file_format == "tsv" else ","
+        if self.delimiter.lower() in ("tab", "\\t"):
+            return "\t"
+        return self.delimiter
 
 
 @dataclass
@@ -76,6 +121,8 @@ class LoraSettings:
     def validate(self) -> None:
         if self.r <= 0:
             raise ConfigError(f"lora.r must be a positive integer, got {self.r}.")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be positive (LoRA updates are scaled by alpha / r), got {self.alpha}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
         if not self.target_modules:
@@ -166,7 +213,8 @@ class TrainingSettings:
                 raise ConfigError(f"training.{name} must be positive, got {getattr(self, name)}.")
         if self.cpu_threads is not None and self.cpu_threads <= 0:
             raise ConfigError(f"training.cpu_threads must be positive or null, got {self.cpu_threads}.")
-        for name in ("retrieval_epochs", "rerank_epochs", "checkpoint_every_steps", "early_stopping_patience"):
+        for name in ("retrieval_epochs", "rerank_epochs", "checkpoint_every_steps", "early_stopping_patience",
+                     "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"training.{name} must be >= 0, got {getattr(self, name)}.")
 
@@ -189,6 +237,8 @@ class EvaluationSettings:
     def validate(self) -> None:
         if not self.ks or any(k <= 0 for k in self.ks):
             raise ConfigError(f"evaluation.ks must be positive cut-offs, got {self.ks}.")
+        if self.batch_size <= 0:
+            raise ConfigError(f"evaluation.batch_size must be positive, got {self.batch_size}.")
 
 
 @dataclass
@@ -280,6 +330,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{name} must be an integer, got {value!r}.")
         if annotation is float and not isinstance(number, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}.")
+        if annotation is float and not math.isfinite(number):  # nan would pass every `<= 0` check
+            raise ConfigError(f"{name} must be a finite number, got {value!r}.")
         return annotation(number)
     if annotation is str:
         if not isinstance(value, (str, int, float)):
@@ -316,13 +368,33 @@ def parse_overrides(arguments: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"Override {argument} has no value; write {argument} VALUE.")
             raw_value = arguments[index + 1]
             index += 2
-        value = yaml.safe_load(raw_value) if raw_value != "" else ""
-        node = overrides
         parts = key.replace("-", "_").split(".")
+        value = _parse_override_value(parts, raw_value)
+        node = overrides
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return overrides
+
+
+def _parse_override_value(parts: list[str], raw_value: str) -> Any:
+    """Text fields keep the text as typed (a template like '{title}' is not a YAML mapping); others are YAML."""
+    annotation: Any = ExperimentConfig
+    for part in parts:
+        annotation, _ = _unwrap_optional(annotation)
+        hints = typing.get_type_hints(annotation) if dataclasses.is_dataclass(annotation) else {}
+        if part not in hints:
+            annotation = None
+            break
+        annotation = hints[part]
+    if annotation is not None and _unwrap_optional(annotation)[0] is str:
+        return raw_value  # _coerce still reads 'null' as None for optional fields
+    if raw_value == "":
+        return ""
+    try:
+        return yaml.safe_load(raw_value)
+    except yaml.YAMLError:  # e.g. ',' or '@': leave it to the field's type check to name the problem
+        return raw_value
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
