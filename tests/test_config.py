@@ -32,6 +32,16 @@ def test_overrides_beat_yaml_and_are_typed(tmp_path):
     assert config.evaluation.ks == [5, 10]
 
 
+def test_text_fields_on_the_command_line_stay_text():
+    """'{title}' and ',' are not YAML a user means; text fields keep them as typed."""
+    config = load_config(overrides=["--data.item_text_template", "{title} genre {genre}", "--data.delimiter", ",",
+                                    "--data.items_file={title}.csv", "--data.path", "null"])
+    assert config.data.item_text_template == "{title} genre {genre}"
+    assert config.data.delimiter == ","
+    assert config.data.items_file == "{title}.csv"
+    assert config.data.path is None
+
+
 def test_lora_section_switches_on_with_defaults():
     assert load_config(overrides={"lora": True}).lora == LoraSettings()
     assert load_config(overrides=["--lora.r", "4"]).lora.r == 4

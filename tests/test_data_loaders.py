@@ -151,25 +151,25 @@ def test_no_timestamp_column_uses_file_order(tmp_path: Path) -> None:
 
 def test_missing_values_render_empty_and_whitespace_collapses(tmp_path: Path) -> None:
     (tmp_path / "inter.csv").write_text("user_id,item_id,timestamp\n1,007,5\n", encoding="utf-8")
-    (tmp_path / "items.csv").write_text("item_id,title,year\n007,  Dr.   No ,\n", encoding="utf-8")
+    (tmp_path / "items.csv").write_text("item_id,title,year\n007,  Dr.   No ,\n008,X,\n", encoding="utf-8")
     data = load_interaction_data(_tabular_config("inter.csv", "items.csv", path=tmp_path,
                                                  item_text_template="{title} {year} !"))
-    assert data.items["text"] == ["Dr. No !"]
+    assert data.items["text"] == ["Dr. No !", "X !"]
     assert data.interactions["item_id"] == ["007"]  # ids stay strings, leading zeros kept
 
 
-def test_exact_duplicates_are_kept_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    (tmp_path / "inter.csv").write_text("user_id,item_id,timestamp\n1,1,5\n1,1,5\n", encoding="utf-8")
-    (tmp_path / "items.csv").write_text("item_id,title\n1,A\n", encoding="utf-8")
+def test_exact_duplicates_are_dropped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "inter.csv").write_text("user_id,item_id,timestamp\n1,1,5\n1,1,5\n1,1,6\n", encoding="utf-8")
+    (tmp_path / "items.csv").write_text("item_id,title\n1,A\n2,B\n", encoding="utf-8")
     with caplog.at_level(logging.WARNING):
         data = load_interaction_data(_tabular_config("inter.csv", "items.csv", path=tmp_path, item_text_template="{title}"))
-    assert data.interactions.num_rows == 2
-    assert "1 exact duplicate" in caplog.text
+    assert data.interactions["timestamp"] == [5.0, 6.0]  # a repeat at another time is a real re-consumption
+    assert "Dropping 1 duplicate interaction row(s)" in caplog.text
 
 
 def test_unknown_items_are_dropped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "inter.csv").write_text("user_id,item_id,timestamp\n1,1,5\n1,9,6\n2,8,7\n", encoding="utf-8")
-    (tmp_path / "items.csv").write_text("item_id,title\n1,A\n", encoding="utf-8")
+    (tmp_path / "items.csv").write_text("item_id,title\n1,A\n2,B\n", encoding="utf-8")
     with caplog.at_level(logging.WARNING):
         data = load_interaction_data(_tabular_config("inter.csv", "items.csv", path=tmp_path, item_text_template="{title}"))
     assert data.interactions["item_id"] == ["1"]
@@ -191,11 +191,11 @@ def _write(tmp_path: Path, interactions: str | bytes, items: str | bytes = "item
     "interactions, items, suffix, expected",
     [
         ("user,item_id,timestamp\n1,1,5\n", "item_id,title\n1,A\n", "csv", ["'user_id' (data.user_column)", "found columns ['user', 'item_id', 'timestamp']"]),
-        ("user_id;item_id;timestamp\n1;1;5\n", "item_id,title\n1,A\n", "csv", ["wrong delimiter?", "inter.csv"]),
+        ("user_id;item_id;timestamp\n1;1;5\n", "item_id,title\n1,A\n", "csv", ["is the delimiter ';'?", "inter.csv"]),
         ("user_id,item_id,timestamp\n1,1,5\n1,2,yesterday\n", "item_id,title\n1,A\n2,B\n", "csv", ["'yesterday'", "row 2", "timestamp", "inter.csv"]),
         ("user_id,item_id,timestamp\n1,9,5\n", "item_id,title\n1,A\n", "csv", ["None of the item ids", "items.csv"]),
-        (b"user_id,item_id,timestamp\n1,1,5\n", b"item_id,title\n1,Caf\xe9\n", "csv", ["items.csv", "not valid UTF-8", "Re-encode"]),
-        (b"user_id\titem_id\ttimestamp\n1\t1\t5\n", b"item_id\ttitle\n1\tCaf\xe9\n", "tsv", ["items.tsv", "not valid UTF-8"]),
+        (b"user_id,item_id,timestamp\n1,1,5\n", b"item_id,title\n1,Caf\xe9\n", "csv", ["items.csv", "not valid utf-8", "data.encoding"]),
+        (b"user_id\titem_id\ttimestamp\n1\t1\t5\n", b"item_id\ttitle\n1\tCaf\xe9\n", "tsv", ["items.tsv", "not valid utf-8"]),
         ("", "item_id,title\n1,A\n", "csv", ["inter.csv", "is empty"]),
         ("user_id,item_id,timestamp\n", "item_id,title\n1,A\n", "csv", ["inter.csv", "no interactions"]),
         ("user_id,item_id,timestamp\n1,1,5\n", "item_id,title\n", "csv", ["items.csv", "no items"]),
@@ -203,8 +203,8 @@ def _write(tmp_path: Path, interactions: str | bytes, items: str | bytes = "item
         ("user_id,item_id,timestamp\n,1,5\n", "item_id,title\n1,A\n", "csv", ["user_id", "row 1"]),
         ('{"user_id": 1, "item_id": 1, "timestamp": 5}\n{"user_id": 2,\n', '{"item_id": 1, "title": "A"}\n', "jsonl",
          ["inter.jsonl line 2", "not valid JSON"]),
-        ('{"user_id": 1, "item_id": 1, "timestamp": "2020-01-01"}\n', '{"item_id": 1, "title": "A"}\n', "jsonl",
-         ["'2020-01-01'", "row 1", "Unix seconds"]),
+        ('{"user_id": 1, "item_id": 1, "timestamp": "2020-01-01"}\n{"user_id": 1, "item_id": 1, "timestamp": 5}\n',
+         '{"item_id": 1, "title": "A"}\n', "jsonl", ["'2020-01-01'", "row 1", "Unix seconds"]),
         ("user_id,item_id,timestamp,rating\n1,1,5,good\n", "item_id,title\n1,A\n", "csv", ["rating", "'good'"]),
     ],
     ids=["missing-column", "wrong-delimiter", "bad-timestamp", "all-items-unknown", "non-utf8-csv", "non-utf8-tsv",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import string
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 
@@ -57,8 +57,15 @@ def template_fields(template: str) -> list[str]:
     return fields
 
 
-def render_item_texts(items: pd.DataFrame, template: str, source: str) -> list[str]:
-    """One text per item row; whitespace is collapsed so empty fields leave no double spaces."""
+def render_item_texts(items: pd.DataFrame, template: str, source: str, max_chars: Optional[int] = None) -> list[str]:
+    """One text per item row; whitespace is collapsed so empty fields leave no double spaces.
+
+    An item whose text renders empty gets its ``item_id`` as text (the encoder needs something to read,
+    and an empty input would embed every such item identically). Texts longer than ``max_chars``
+    characters are cut: the tokenizer keeps only the first ``model.max_text_length`` tokens anyway, and
+    a megabyte description per item would otherwise sit in memory and in the saved catalogue.
+    Both are logged as warnings with the number of items affected.
+    """
     fields = template_fields(template)
     missing = [name for name in fields if name not in items.columns]
     if missing:
@@ -78,7 +85,20 @@ def render_item_texts(items: pd.DataFrame, template: str, source: str) -> list[s
                 f"(values {values}): {error}. Item columns are strings; drop format specs such as ':.2f'."
             ) from None
         texts.append(" ".join(text.split()))
-    empty = sum(1 for text in texts if not text)
-    if empty:
-        logger.warning("%d item(s) in %s render to an empty text with template %r.", empty, source, template)
+    empty_rows = [row for row, text in enumerate(texts) if not text]
+    if empty_rows:
+        item_ids = items["item_id"].tolist() if "item_id" in items.columns else [str(row + 1) for row in range(len(items))]
+        for row in empty_rows:
+            texts[row] = str(item_ids[row])
+        logger.warning("%d item(s) in %s render to an empty text with template %r (e.g. item ids %s); their item id "
+                       "is used as text instead. Fill in their metadata or change data.item_text_template.",
+                       len(empty_rows), source, template, [item_ids[row] for row in empty_rows[:5]])
+    if max_chars is not None:
+        long_rows = [row for row, text in enumerate(texts) if len(text) > max_chars]
+        if long_rows:
+            longest = max(len(texts[row]) for row in long_rows)
+            for row in long_rows:
+                texts[row] = texts[row][:max_chars].rstrip()
+            logger.warning("%d item text(s) in %s are longer than data.max_item_text_chars=%d characters (longest: %d); "
+                           "they are cut to that length.", len(long_rows), source, max_chars, longest)
     return texts

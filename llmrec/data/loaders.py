@@ -7,8 +7,10 @@ data came from. Every bad input raises :class:`llmrec.errors.DataError` naming t
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,7 +22,8 @@ import pandas as pd
 from ..config import DataConfig
 from ..errors import DataError
 from .item_text import render_item_texts, value_to_text
-from .readers import ColumnNames, RawTables, read_movielens, read_recbole, read_table
+from .readers import (ColumnNames, RawTables, delimiter_setting, guess_delimiter, read_movielens, read_recbole,
+                      read_table)
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +43,26 @@ class InteractionData:
 
 
 def load_interaction_data(config: DataConfig) -> InteractionData:
-    """Read the data the config points at (default: MovieLens-100k from the RecBole wheel)."""
+    """Read the data the config points at (default: MovieLens-100k from the RecBole wheel).
+
+    What happens to imperfect input (each logged as a warning naming the file and the count):
+    interactions whose item has no row in the items file are dropped (an error if that is all of them);
+    rows repeating the same user, item and timestamp are dropped, keeping the first; items whose text
+    renders empty get their item id as text; texts longer than ``data.max_item_text_chars`` are cut.
+    Timestamps may be numbers (e.g. Unix seconds) or ISO 8601 dates/times (naive ones read as UTC).
+    Anything else wrong raises :class:`DataError` naming the file, row or column and the fix.
+    """
+    config.validate()
     raw = _read_raw_tables(config)
     interactions = _canonical_interactions(raw)
-    items = _canonical_items(raw, config.item_text_template)
+    items = _canonical_items(raw, config.item_text_template, config.max_item_text_chars)
     interactions = _apply_rating_threshold(interactions, config.rating_threshold, raw.interactions_source)
     interactions = _drop_unknown_items(interactions, items, raw)
-    duplicates = int(interactions.duplicated().sum())
-    if duplicates:
-        logger.warning("%s has %d exact duplicate interaction row(s); they are kept.", raw.interactions_source, duplicates)
+    interactions = _drop_duplicate_interactions(interactions, raw.interactions_source)
+    if len(items) < 2:  # checked last so that a more specific problem with the files is reported first
+        raise DataError(f"{raw.items_source} describes only {len(items)} item ({items['item_id'].tolist()}); "
+                        "with a catalogue of one there is nothing to recommend or rank. Point data.items_file "
+                        "(or data.path) at the full item catalogue.")
     logger.info(
         "Loaded %d interactions from %d users over %d items (%s).",
         len(interactions), interactions["user_id"].nunique(), len(items), raw.interactions_source,
@@ -133,6 +147,8 @@ def _resolve_table_file(name: Optional[str], base: Optional[Path], setting: str)
     path = Path(name)
     if not path.is_absolute() and base is not None:
         path = base / path
+    if path.is_dir():
+        raise DataError(f"data.{setting} {path} is a folder, not a file. Set data.{setting} to the file inside it.")
     if not path.is_file():
         raise DataError(f"data.{setting} {path} does not exist. Fix data.{setting} (relative paths resolve against data.path).")
     return path
@@ -152,23 +168,40 @@ def _read_raw_tables(config: DataConfig) -> RawTables:
     interactions_name = config.interactions_file
     if base is not None and base.is_file():  # data.path may name the interactions file itself
         if base.suffix == ".inter":
-            return read_recbole(base.parent, base.stem, _config_columns(config))
+            return read_recbole(base.parent, base.stem, _config_columns(config), config.encoding)
         interactions_name, base = interactions_name or str(base), base.parent
     folder = base or Path(".")
     if file_format == "auto":
         file_format = _detect_folder_format(folder) if interactions_name is None else "by-extension"
         if file_format == "recbole":
-            return read_recbole(folder, _recbole_dataset_name(folder, config.dataset_name), _config_columns(config))
+            return read_recbole(folder, _recbole_dataset_name(folder, config.dataset_name), _config_columns(config),
+                                config.encoding)
     if file_format == "recbole":
-        return read_recbole(folder, config.dataset_name, _config_columns(config))
+        return read_recbole(folder, config.dataset_name, _config_columns(config), config.encoding)
     if file_format == "movielens":
         return read_movielens(folder)
     inter_path = _resolve_table_file(interactions_name, base, "interactions_file")
     item_path = _resolve_table_file(config.items_file, base, "items_file")
-    inter_format = _format_from_extension(inter_path) if file_format == "by-extension" else file_format
-    item_format = _format_from_extension(item_path) if file_format == "by-extension" else file_format
-    return RawTables(read_table(inter_path, inter_format), read_table(item_path, item_format),
-                     _config_columns(config), str(inter_path), str(item_path))
+    tables = []
+    for path in (inter_path, item_path):
+        table_format = _format_from_extension(path) if file_format == "by-extension" else file_format
+        separator = config.field_delimiter(table_format) if config.delimiter is not None else None
+        tables.append(read_table(path, table_format, separator, config.encoding))
+    return RawTables(tables[0], tables[1], _config_columns(config), str(inter_path), str(item_path))
+
+
+def _normalised_name(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def _closest_column(name: str, found: list[str]) -> Optional[str]:
+    """'userId' for 'user_id', 'ts' never for 'timestamp': case/punctuation-blind match, else a close spelling."""
+    by_normalised = {_normalised_name(column): column for column in found}
+    target = _normalised_name(name)
+    if target in by_normalised:
+        return by_normalised[target]
+    close = difflib.get_close_matches(target, list(by_normalised), n=1, cutoff=0.6)
+    return by_normalised[close[0]] if close else None
 
 
 def _check_columns(frame: pd.DataFrame, wanted: dict[str, str], source: str) -> None:
@@ -177,11 +210,21 @@ def _check_columns(frame: pd.DataFrame, wanted: dict[str, str], source: str) -> 
     missing = {setting: name for setting, name in wanted.items() if name not in frame.columns}
     if not missing:
         return
+    if len(found) == 1:  # a whole header in one column: the file uses another separator
+        guessed = guess_delimiter(found[0], current="")
+        if guessed is not None:
+            raise DataError(
+                f"{source}: found one column {found[0]!r} — is the delimiter {guessed!r}? Set "
+                f"{delimiter_setting(guessed)} (expected columns {list(wanted.values())}).")
     described = ", ".join(f"{name!r} (data.{setting})" for setting, name in missing.items())
     message = (f"{source} is missing column(s) {described}; found columns {found}. "
                f"Set {', '.join(f'data.{setting}' for setting in missing)} to the file's column names.")
-    if len(found) == 1 and len(wanted) > 1:
-        message += f" The header has a single column ({found[0]!r}): wrong delimiter? Check data.format."
+    suggestions = [(setting, _closest_column(name, found)) for setting, name in missing.items()]
+    suggestions = [f"data.{setting}: {column}" for setting, column in suggestions if column is not None]
+    if suggestions:
+        message += f" Did you mean {', '.join(suggestions)}?"
+    if "timestamp_column" in missing:
+        message += " Without timestamps, set data.timestamp_column: null to order interactions by file position."
     raise DataError(message)
 
 
@@ -196,10 +239,41 @@ def _parse_numbers(values: pd.Series, column: str, source: str, fix: str) -> np.
         numbers = pd.to_numeric(stripped, errors="coerce")
     bad = np.flatnonzero(pd.isna(numbers).to_numpy())
     if len(bad):
-        row = int(bad[0])
-        raise DataError(f"{source}: column {column!r} has a non-numeric value {values.iloc[row]!r} at row {row + 1} "
+        raise DataError(f"{source}: column {column!r} has a non-numeric value {_shown(values, bad)} "
                         f"(first of {len(bad)} bad row(s), counting data rows from 1). {fix}")
     return numbers.to_numpy(dtype=np.float64)
+
+
+def _shown(values: pd.Series, bad_rows: np.ndarray) -> str:
+    row = int(bad_rows[0])
+    value = values.iloc[row]
+    return f"{'(empty)' if value_to_text(value).strip() == '' else repr(value)} at row {row + 1}"
+
+
+def _parse_timestamps(values: pd.Series, column: str, source: str) -> np.ndarray:
+    """Numbers (any unit) as they are; a column of ISO 8601 date/time strings -> Unix seconds (naive = UTC)."""
+    fix = ("Timestamps must be numbers such as Unix seconds or ISO 8601 dates/times such as 2020-01-31T12:00:00; "
+           "fix the file, point data.timestamp_column at another column, or set data.timestamp_column: null to "
+           "use file order.")
+    if pd.api.types.is_datetime64_any_dtype(values) or pd.api.types.is_numeric_dtype(values):
+        return _parse_numbers(values, column, source, fix)
+    stripped = values.map(lambda value: value.strip() if isinstance(value, str) else value)
+    numbers = pd.to_numeric(stripped, errors="coerce")
+    not_numbers = pd.isna(numbers).to_numpy()
+    if not not_numbers.any():
+        return numbers.to_numpy(dtype=np.float64)
+    texts = stripped.map(lambda value: value if isinstance(value, str) else "")
+    dates = pd.to_datetime(texts, format="ISO8601", utc=True, errors="coerce")
+    not_dates = pd.isna(dates).to_numpy()
+    if not not_dates.any():
+        logger.info("%s: column %r holds ISO 8601 dates/times; converted to Unix seconds (naive times read as UTC).",
+                    source, column)
+        return ((dates - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64)
+    looks_like_dates = not_dates.sum() < not_numbers.sum()  # report against the form most rows use
+    bad = np.flatnonzero(not_dates if looks_like_dates else not_numbers)
+    kind = "an ISO 8601 date/time like the other rows" if looks_like_dates else "a number"
+    raise DataError(f"{source}: column {column!r} has {_shown(values, bad)}, which is not {kind} "
+                    f"(first of {len(bad)} bad row(s), counting data rows from 1). {fix}")
 
 
 def _parse_ids(values: pd.Series, column: str, source: str) -> pd.Series:
@@ -226,10 +300,7 @@ def _canonical_interactions(raw: RawTables) -> pd.DataFrame:
     if columns.timestamp is None:
         canonical["timestamp"] = np.arange(len(frame), dtype=np.float64)  # file order is the only clock
     else:
-        canonical["timestamp"] = _parse_numbers(
-            frame[columns.timestamp], columns.timestamp, source,
-            "Timestamps must be numbers such as Unix seconds; convert them, or set data.timestamp_column: null "
-            "to use file order.")
+        canonical["timestamp"] = _parse_timestamps(frame[columns.timestamp], columns.timestamp, source)
     if columns.rating is not None and columns.rating in frame.columns:
         canonical["rating"] = _parse_numbers(frame[columns.rating], columns.rating, source,
                                              "Ratings must be numbers; fix the file or set data.rating_column: null.")
@@ -238,7 +309,7 @@ def _canonical_interactions(raw: RawTables) -> pd.DataFrame:
     return canonical
 
 
-def _canonical_items(raw: RawTables, template: str) -> pd.DataFrame:
+def _canonical_items(raw: RawTables, template: str, max_text_chars: Optional[int] = None) -> pd.DataFrame:
     frame, source, id_column = raw.items, raw.items_source, raw.columns.item
     if len(frame) == 0:
         raise DataError(f"{source} has no items (only a header?); add one row per item.")
@@ -253,7 +324,7 @@ def _canonical_items(raw: RawTables, template: str) -> pd.DataFrame:
     if duplicated.any():
         logger.warning("%s lists %d item id(s) more than once; keeping the first row of each.", source, int(duplicated.sum()))
         items = items[~duplicated].reset_index(drop=True)
-    items.insert(1, "text", render_item_texts(items, template, source))
+    items.insert(1, "text", render_item_texts(items, template, source, max_text_chars))
     return items
 
 
@@ -284,3 +355,16 @@ def _drop_unknown_items(interactions: pd.DataFrame, items: pd.DataFrame, raw: Ra
     logger.warning("Dropping %d interaction(s) in %s whose item has no row in %s (e.g. %s).",
                    unknown, raw.interactions_source, raw.items_source, examples)
     return interactions[known].reset_index(drop=True)
+
+
+def _drop_duplicate_interactions(interactions: pd.DataFrame, source: str) -> pd.DataFrame:
+    """The same user, item and time twice is a logging artefact; kept, it would put a leave-one-out
+    target into its own history (where exclude_history hides it from the ranking)."""
+    duplicated = interactions.duplicated(subset=["user_id", "item_id", "timestamp"], keep="first")
+    count = int(duplicated.sum())
+    if count == 0:
+        return interactions
+    example = interactions.loc[duplicated, ["user_id", "item_id", "timestamp"]].iloc[0].tolist()
+    logger.warning("Dropping %d duplicate interaction row(s) in %s (same user, item and timestamp as an earlier row, "
+                   "e.g. user %r, item %r, timestamp %s); the first of each is kept.", count, source, *example)
+    return interactions[~duplicated].reset_index(drop=True)

@@ -8,11 +8,13 @@ as ``"007"`` survive untouched.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -57,32 +59,94 @@ _MOVIELENS_COLUMNS = ColumnNames()  # MovieLens readers already name their colum
 
 def require_file(path: Path, what: str, fix: str) -> Path:
     """Fail early with the path and the fix instead of a bare FileNotFoundError deep in pandas."""
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a folder, not a file. {fix}")
     if not path.is_file():
         raise DataError(f"{what} {path} does not exist. {fix}")
     return path
 
 
-def read_delimited(path: Path, separator: str, *, quoting: int = csv.QUOTE_MINIMAL, header: bool = True,
-                   names: Optional[list[str]] = None, encoding: str = "utf-8") -> pd.DataFrame:
-    """Read a delimited text file with every value as a string (empty fields stay "")."""
+def guess_delimiter(header: str, current: str = ",") -> Optional[str]:
+    """The separator a one-column header was probably written with (None if nothing looks like one)."""
+    counts = {candidate: header.count(candidate) for candidate in ("::", ";", "\t", "|", ",") if candidate != current}
+    if counts.get("::"):
+        return "::"
+    best = max(counts, key=counts.get)
+    return best if counts[best] else None
+
+
+def delimiter_setting(separator: str) -> str:
+    """The setting that selects a separator, written so it survives YAML and the command line."""
+    return "data.delimiter: " + ("tab" if separator == "\t" else f"'{separator}'")
+
+
+def read_text(path: Path, encoding: str = "utf-8", fallback: Optional[str] = None) -> str:
+    """Decode a whole file; a wrong encoding names the byte, its offset and line, and data.encoding."""
+    raw = path.read_bytes()
+    codec = codecs.lookup(encoding).name
     try:  # utf-8-sig: a byte-order mark (Excel exports) must not end up in the first column name
-        text = path.read_text(encoding="utf-8-sig" if encoding == "utf-8" else encoding)
+        return raw.decode("utf-8-sig" if codec == "utf-8" else encoding)
     except UnicodeDecodeError as error:
+        if fallback is not None:
+            logger.info("%s is not valid %s; reading it as %s.", path, encoding, fallback)
+            return raw.decode(fallback)
+        offset = error.start + (3 if codec == "utf-8" and raw.startswith(codecs.BOM_UTF8) else 0)
+        line = raw.count(b"\n", 0, offset) + 1
         raise DataError(
-            f"{path} is not valid UTF-8 (bad byte at position {error.start}). Re-encode it as UTF-8, e.g. "
-            f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`."
+            f"{path} is not valid {encoding} text: byte 0x{raw[offset]:02x} at byte offset {offset} (line {line}) "
+            f"cannot be decoded. Set data.encoding to the file's encoding (e.g. data.encoding: latin-1, or cp1252 "
+            f"for Windows exports), or re-encode it, e.g. `iconv -f latin1 -t utf-8 {path.name} > "
+            f"{path.stem}.utf8{path.suffix}`."
         ) from None
+
+
+def read_delimited(path: Path, separator: str, *, quoting: int = csv.QUOTE_MINIMAL, header: bool = True,
+                   names: Optional[list[str]] = None, encoding: str = "utf-8",
+                   fallback_encoding: Optional[str] = None) -> pd.DataFrame:
+    """Read a delimited text file with every value as a string (empty fields stay "")."""
+    text = read_text(path, encoding, fallback_encoding)
     if not text.strip():
         raise DataError(f"{path} is empty; it needs a header line and at least one data row.")
+    shown_separator = separator
     if separator != "\t" and len(separator) > 1:  # e.g. MovieLens-1M '::' -> tab, read by the fast C parser
         text, separator = text.replace(separator, "\t"), "\t"
     try:
-        return pd.read_csv(
-            io.StringIO(text), sep=separator, dtype=str, keep_default_na=False, quoting=quoting,
-            header=0 if header else None, names=names, engine="c",
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            # index_col=False: rows with more fields than the header must not silently become an index
+            frame = pd.read_csv(
+                io.StringIO(text), sep=separator, dtype=str, keep_default_na=False, quoting=quoting,
+                header=0 if header else None, names=names, engine="c", index_col=False,
+            )
     except pd.errors.ParserError as error:
-        raise DataError(f"{path} could not be parsed as '{separator!r}'-separated text: {error}") from None
+        raise DataError(f"{path} could not be parsed as {shown_separator!r}-separated text: {str(error).strip()}."
+                        f"{_separator_hint(text, shown_separator)}") from None
+    if any(issubclass(warning.category, pd.errors.ParserWarning) for warning in caught):
+        _reject_extra_fields(text, separator, quoting, len(frame.columns), path, shown_separator)
+    return frame
+
+
+def _separator_hint(text: str, separator: str) -> str:
+    first_line = text.lstrip().split("\n", 1)[0]
+    guessed = guess_delimiter(first_line, separator)
+    if guessed is not None and separator not in first_line:
+        return (f" The first line has no {separator!r} but does have {guessed!r}: is the delimiter {guessed!r}? "
+                f"Set {delimiter_setting(guessed)}.")
+    return " Check data.delimiter and that values containing the delimiter are quoted."
+
+
+def _reject_extra_fields(text: str, separator: str, quoting: int, width: int, path: Path, shown_separator: str) -> None:
+    """pandas drops fields beyond the header's; fine for a trailing delimiter, data loss otherwise."""
+    try:
+        reader = csv.reader(io.StringIO(text), delimiter=separator, quoting=quoting)
+        for row in reader:
+            if len(row) > width and any(field.strip() for field in row[width:]):
+                raise DataError(
+                    f"{path} line {reader.line_num} has {len(row)} {shown_separator!r}-separated fields but the header "
+                    f"has {width}, so values would shift or be lost.{_separator_hint(text, shown_separator)}")
+    except csv.Error:  # e.g. a field over csv's size limit; the line number is then unknown
+        raise DataError(f"{path} has rows with more {shown_separator!r}-separated fields than its header "
+                        f"({width}).{_separator_hint(text, shown_separator)}") from None
 
 
 def strip_recbole_types(frame: pd.DataFrame) -> pd.DataFrame:
@@ -90,13 +154,13 @@ def strip_recbole_types(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.rename(columns=lambda name: str(name).split(":", 1)[0])
 
 
-def read_recbole(folder: Path, dataset_name: str, columns: ColumnNames) -> RawTables:
+def read_recbole(folder: Path, dataset_name: str, columns: ColumnNames, encoding: str = "utf-8") -> RawTables:
     """RecBole atomic files ``{dataset_name}.inter`` and ``{dataset_name}.item`` (tab-separated, typed header)."""
     fix = f"Check data.path ({folder}) and data.dataset_name ({dataset_name!r})."
     inter_path = require_file(folder / f"{dataset_name}.inter", "RecBole interactions file", fix)
     item_path = require_file(folder / f"{dataset_name}.item", "RecBole item file", fix)
-    interactions = strip_recbole_types(read_delimited(inter_path, "\t", quoting=csv.QUOTE_NONE))
-    items = strip_recbole_types(read_delimited(item_path, "\t", quoting=csv.QUOTE_NONE))
+    interactions = strip_recbole_types(read_delimited(inter_path, "\t", quoting=csv.QUOTE_NONE, encoding=encoding))
+    items = strip_recbole_types(read_delimited(item_path, "\t", quoting=csv.QUOTE_NONE, encoding=encoding))
     return RawTables(interactions, items, columns, str(inter_path), str(item_path))
 
 
@@ -112,7 +176,8 @@ def read_movielens(folder: Path) -> RawTables:
     """Official MovieLens-100k (u.data/u.item) or MovieLens-1M (ratings.dat/movies.dat) folder.
 
     Items are converted to the columns of RecBole's ml-100k.item (item_id, movie_title, release_year,
-    class) so that one item-text template serves both layouts.
+    class) so that one item-text template serves both layouts. The official files are latin-1; they are
+    read as UTF-8 first so that a re-encoded copy does not turn 'Café' into 'CafÃ©'.
     """
     if (folder / "u.data").is_file():
         return _read_movielens_100k(folder)
@@ -131,7 +196,7 @@ def _read_movielens_100k(folder: Path) -> RawTables:
                                   names=["user_id", "item_id", "rating", "timestamp"])
     flag_names = [f"genre_{index}" for index in range(len(MOVIELENS_GENRES))]
     raw_items = read_delimited(
-        item_path, "|", quoting=csv.QUOTE_NONE, header=False, encoding="latin-1",
+        item_path, "|", quoting=csv.QUOTE_NONE, header=False, fallback_encoding="latin-1",
         names=["item_id", "title", "release_date", "video_release_date", "url", *flag_names],
     )
     rows = []
@@ -150,9 +215,9 @@ def _read_movielens_100k(folder: Path) -> RawTables:
 def _read_movielens_1m(folder: Path) -> RawTables:
     inter_path = folder / "ratings.dat"
     item_path = require_file(folder / "movies.dat", "MovieLens item file", "The ml-1m folder must contain movies.dat.")
-    interactions = read_delimited(inter_path, "::", quoting=csv.QUOTE_NONE, header=False, encoding="latin-1",
+    interactions = read_delimited(inter_path, "::", quoting=csv.QUOTE_NONE, header=False, fallback_encoding="latin-1",
                                   names=["user_id", "item_id", "rating", "timestamp"])
-    raw_items = read_delimited(item_path, "::", quoting=csv.QUOTE_NONE, header=False, encoding="latin-1",
+    raw_items = read_delimited(item_path, "::", quoting=csv.QUOTE_NONE, header=False, fallback_encoding="latin-1",
                                names=["item_id", "title", "genres"])
     rows = []
     for record in raw_items.itertuples(index=False):
@@ -162,14 +227,17 @@ def _read_movielens_1m(folder: Path) -> RawTables:
     return RawTables(interactions, items, _MOVIELENS_COLUMNS, str(inter_path), str(item_path))
 
 
-def read_table(path: Path, file_format: str) -> pd.DataFrame:
-    """One csv/tsv/jsonl/parquet file; text formats are read as strings, parquet keeps its types."""
+def read_table(path: Path, file_format: str, separator: Optional[str] = None, encoding: str = "utf-8") -> pd.DataFrame:
+    """One csv/tsv/jsonl/parquet file; text formats are read as strings, parquet keeps its types.
+
+    ``separator`` overrides the csv/tsv default (',' / tab); ``encoding`` applies to the text formats.
+    """
     if file_format == "csv":
-        return read_delimited(path, ",")
+        return read_delimited(path, separator or ",", encoding=encoding)
     if file_format == "tsv":
-        return read_delimited(path, "\t", quoting=csv.QUOTE_NONE)
+        return read_delimited(path, separator or "\t", quoting=csv.QUOTE_NONE, encoding=encoding)
     if file_format == "jsonl":
-        return read_json_lines(path)
+        return read_json_lines(path, encoding)
     if file_format == "parquet":
         try:
             return pd.read_parquet(path)
@@ -178,12 +246,9 @@ def read_table(path: Path, file_format: str) -> pd.DataFrame:
     raise DataError(f"Unsupported table format {file_format!r} for {path}; use csv, tsv, jsonl or parquet.")
 
 
-def read_json_lines(path: Path) -> pd.DataFrame:
+def read_json_lines(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
     """One JSON object per line; blank lines are skipped."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path} is not valid UTF-8 (bad byte at position {error.start}); re-encode it as UTF-8.") from None
+    text = read_text(path, encoding)
     if not text.strip():
         raise DataError(f"{path} is empty; it needs at least one JSON object per line.")
     records = []

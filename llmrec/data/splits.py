@@ -74,17 +74,24 @@ def build_split(data: InteractionData, config: DataConfig) -> SequentialSplit:
 
     ``leave_one_out``: a user's last interaction is the test target (history: everything before
     it), the second last is the valid target (history: everything before that), the rest is
-    training. Users with fewer than 3 interactions keep them all for training and get no
-    valid/test example.
+    training. Users with fewer than 3 interactions (a single one included) keep them all for
+    training and get no valid/test example; their number is logged.
 
     ``temporal``: global time cut-offs put about ``temporal_test_fraction`` of the interactions
     (the newest) in a test window and ``temporal_valid_fraction`` before them in a valid window.
     Training is each user's interactions before the valid window. A user's valid example is their
     first interaction in the valid window with all earlier ones as history; the test example is
     their first interaction in the test window with all earlier ones (train and valid windows) as
-    history. Users whose history would be empty get no example.
+    history. Users whose history would be empty get no example (so a user with a single
+    interaction only trains, or is skipped if it falls in a valid/test window); logged as well.
+
+    Raises :class:`DataError` for a catalogue of fewer than two items and for a split without
+    any valid or test example, which nothing could be evaluated (or early-stopped) on.
     """
     item_ids = [str(item_id) for item_id in data.items["item_id"]]
+    if len(item_ids) < 2:
+        raise DataError(f"The item catalogue has {len(item_ids)} item(s) ({item_ids}); there is nothing to recommend "
+                        "or rank. Load the full catalogue (data.items_file / data.path).")
     item_texts = [str(text) for text in data.items["text"]]
     item_index = {item_id: position + 1 for position, item_id in enumerate(item_ids)}
     user_ids, sequences, sequence_times = _user_sequences(data, item_index)
@@ -96,9 +103,27 @@ def build_split(data: InteractionData, config: DataConfig) -> SequentialSplit:
                                                  config.temporal_test_fraction)
     else:
         raise DataError(f"data.split must be 'leave_one_out' or 'temporal', got {config.split!r}.")
+    _require_examples(config, valid, test, len(user_ids))
     logger.info("%s split: %d users, %d items, %d training interactions, %d valid and %d test examples.",
                 config.split, len(user_ids), len(item_ids), sum(map(len, train_sequences)), len(valid), len(test))
     return SequentialSplit(item_ids, item_texts, user_ids, train_sequences, valid, test)
+
+
+def _require_examples(config: DataConfig, valid: EvaluationExamples, test: EvaluationExamples, num_users: int) -> None:
+    """Training would crash at its first validation (or report nothing) without examples; say why up front."""
+    empty = [name for name, examples in (("valid", valid), ("test", test)) if len(examples) == 0]
+    if not empty:
+        return
+    if config.split == "leave_one_out":
+        reason = (f"none of the {num_users} user(s) has the 3 or more interactions leave-one-out needs "
+                  "(1+ to train, 1 valid, 1 test)")
+        fix = "Use data with longer histories, or lower data.rating_threshold if it removed most interactions."
+    else:
+        reason = ("no user with earlier history has an interaction in that time window (timestamps too coarse, "
+                  "or every such user is new)")
+        fix = ("Raise data.temporal_valid_fraction / data.temporal_test_fraction, check data.timestamp_column, "
+               "or use data.split: leave_one_out.")
+    raise DataError(f"The {config.split} split has no {' or '.join(empty)} example: {reason}. {fix}")
 
 
 def _user_sequences(data: InteractionData, item_index: dict[str, int]
@@ -133,17 +158,19 @@ def _codes_in_first_appearance_order(values: np.ndarray) -> tuple[np.ndarray, li
 def _leave_one_out(sequences: list[list[int]]
                    ) -> tuple[list[list[int]], EvaluationExamples, EvaluationExamples]:
     train_sequences, valid, test = [], EvaluationExamples(), EvaluationExamples()
-    too_short = 0
+    too_short = single = 0
     for user_index, sequence in enumerate(sequences):
         if len(sequence) < 3:
             train_sequences.append(list(sequence))
             too_short += 1
+            single += len(sequence) == 1
             continue
         train_sequences.append(sequence[:-2])
         valid.add(user_index, sequence[:-2], sequence[-2])
         test.add(user_index, sequence[:-1], sequence[-1])
     if too_short:
-        logger.info("%d user(s) have fewer than 3 interactions: all go to training, no valid/test example.", too_short)
+        logger.info("%d user(s) have fewer than 3 interactions (%d of them a single one): all their interactions "
+                    "go to training and they get no valid/test example.", too_short, single)
     return train_sequences, valid, test
 
 
