@@ -35,3 +35,7 @@ class ModelFolderError(LlmRecError, OSError):
 
 class InvalidRequestError(LlmRecError, ValueError):
     """A serving call got arguments it cannot honour (wrong id types, duplicate candidates, k <= 0...)."""
+
+
+class HubUploadError(LlmRecError, OSError):
+    """Creating the Hub repo or uploading to it failed (no network, no token, no permission)."""

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence, Union
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .errors import ModelFolderError
+from .errors import HubUploadError, ModelFolderError
 from .modeling import LlmRecConfig
 from .modeling.modeling_llmrec import ENCODER_ADAPTER_FOLDER
 
@@ -225,10 +225,16 @@ def push_to_hub(
     if dry_run:
         return files
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(
-        repo_id=repo_id, folder_path=folder, repo_type="model", allow_patterns=files, commit_message=commit_message
-    )
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id, folder_path=folder, repo_type="model", allow_patterns=files, commit_message=commit_message
+        )
+    except Exception as error:  # HTTP, auth and connection errors from huggingface_hub/requests
+        raise HubUploadError(
+            f"Uploading {folder} to {repo_id} failed ({type(error).__name__}: {error}); check the network, "
+            "log in with `hf auth login` (or pass a token), and that you may write to that repo."
+        ) from error
     logger.info("Uploaded %d files from %s to https://huggingface.co/%s", len(files), folder, repo_id)
     return files
 
