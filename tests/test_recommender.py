@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llmrec import ModelFolderError, Recommender, UnknownItemError
+from llmrec.errors import InvalidRequestError
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +107,129 @@ def test_missing_files_are_named(trained_run, tmp_path):
     (partial / "config.json").write_text((output_dir / "config.json").read_text())
     with pytest.raises(ModelFolderError, match="model.safetensors"):
         Recommender.from_pretrained(partial)
+
+
+# ----- exclude and filter -----------------------------------------------------------------------------
+
+
+def test_exclude_and_filter(recommender, user_history):
+    history = user_history[:-1]
+    best = [item for item, _ in recommender.recommend(history, k=5)]
+    without_best = [item for item, _ in recommender.recommend(history, k=5, exclude=best[:2])]
+    assert without_best[:3] == best[2:]
+    allowed = ["i0", "i1", "i2", "i40", "i79", history[0]]
+    only = recommender.recommend(history, k=10, filter=allowed)
+    assert {item for item, _ in only} == set(allowed) - set(history)
+    same = recommender.recommend(history, k=10, filter=lambda item_id: item_id in allowed)
+    assert same == only
+    with_history = recommender.recommend(history, k=len(recommender.item_ids), exclude_history=False)
+    assert set(history) <= {item for item, _ in with_history}
+    assert recommender.recommend(history, k=3, filter=[]) == []
+    # A cold user obeys the same rules.
+    popular = recommender.recommend([], k=3, exclude=[recommender.recommend([], k=1)[0][0]], filter=lambda i: i != "i5")
+    assert len(popular) == 3 and "i5" not in dict(popular)
+
+
+BAD_REQUESTS = {
+    "k zero": (lambda r: r.recommend(["i1"], k=0), InvalidRequestError, "k must be a positive integer"),
+    "k float": (lambda r: r.recommend(["i1"], k=2.5), InvalidRequestError, "k must be a positive integer"),
+    "history as a string": (lambda r: r.recommend("i1"), InvalidRequestError, "not the single string 'i1'"),
+    "id of the wrong type": (lambda r: r.recommend(["i1", None]), InvalidRequestError, "not item ids: \\[None\\]"),
+    "float id": (lambda r: r.recommend([1.5]), InvalidRequestError, "not item ids: \\[1.5\\]"),
+    "unknown id": (lambda r: r.recommend(["i1", "zzz"]), UnknownItemError, "'zzz'"),
+    "unknown exclude": (lambda r: r.recommend(["i1"], exclude=["zzz"]), UnknownItemError, "'zzz'"),
+    "unknown filter id": (lambda r: r.recommend(["i1"], filter=["zzz"]), UnknownItemError, "'zzz'"),
+    "duplicate candidates": (lambda r: r.rerank(["i1"], ["i2", "i3", "i2"]), InvalidRequestError, "\\['i2'\\] appear more than once"),
+    "candidate lists mismatch": (lambda r: r.rerank_batch([["i1"]], [["i2"], ["i3"]]), InvalidRequestError, "1 histories but 2"),
+    "explain empty history": (lambda r: r.explain([], "i1"), InvalidRequestError, "non-empty history"),
+    "explain unknown item": (lambda r: r.explain(["i1"], "zzz"), UnknownItemError, "'zzz'"),
+    "add_items duplicate": (lambda r: r.add_items(["i1"], ["movie"]), InvalidRequestError, "\\['i1'\\] are already"),
+    "add_items lengths": (lambda r: r.add_items(["n1", "n2"], ["movie"]), InvalidRequestError, "2 ids but 1 texts"),
+    "add_items empty text": (lambda r: r.add_items(["n1"], ["  "]), InvalidRequestError, "have no text"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_requests_raise_clear_errors(recommender, case):
+    call, error_type, message = BAD_REQUESTS[case]
+    with pytest.raises(error_type, match=message):
+        call(recommender)
+
+
+def test_integer_ids_are_accepted_as_strings(trained_run):
+    output_dir, _ = trained_run
+    recommender = Recommender.from_pretrained(output_dir)
+    recommender.add_items([12345], ["movie number 3 genre g2"])
+    assert "12345" in recommender.item_ids
+    assert recommender.rerank(["i1"], [12345]) == recommender.rerank(["i1"], ["12345"])
+
+
+# ----- adding items -----------------------------------------------------------------------------------
+
+
+def test_added_items_are_recommendable_at_once_and_saved(trained_run, tmp_path):
+    """A new item described like genre g1 ranks high for a g1 user and low for a g0 user, with no retraining."""
+    output_dir, _ = trained_run
+    recommender = Recommender.from_pretrained(output_dir)
+    g1_history = [f"i{20 + position}" for position in range(8)]
+    g0_history = [f"i{position}" for position in range(8)]
+    recommender.add_items(["new-g1"], ["movie number 99 genre g1"])
+    assert recommender.num_items == 81 and recommender.pipeline.index.num_items == 81
+
+    def rank_of(history):
+        ranked = [item for item, _ in recommender.recommend(history, k=recommender.num_items)]
+        return ranked.index("new-g1")
+
+    assert rank_of(g1_history) < 20  # among the 20 g1 items out of 73 unseen
+    assert rank_of(g0_history) > rank_of(g1_history)
+    assert recommender.recommend(g1_history, k=1, filter=["new-g1"])[0][0] == "new-g1"
+
+    recommender.save_pretrained(tmp_path / "grown")
+    reloaded = Recommender.from_pretrained(tmp_path / "grown")
+    assert reloaded.item_ids[-1] == "new-g1" and reloaded.item_texts[-1] == "movie number 99 genre g1"
+    assert reloaded.recommend(g1_history, k=5) == pytest.approx(recommender.recommend(g1_history, k=5))
+
+
+# ----- concurrency and fuzzing -------------------------------------------------------------------------
+
+
+def test_threads_share_one_recommender(trained_run):
+    output_dir, _ = trained_run
+    recommender = Recommender.from_pretrained(output_dir)
+    histories = [[f"i{(start + step) % 80}" for step in range(1 + start % 7)] for start in range(40)]
+    expected = [recommender.recommend(history, k=5) for history in histories]
+
+    def serve(row: int):
+        return recommender.recommend(histories[row], k=5)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        adding = pool.submit(recommender.add_items, [f"new{n}" for n in range(5)], ["movie number 7 genre g3"] * 5)
+        results = list(pool.map(serve, range(len(histories))))
+        adding.result()
+    for got, want in zip(results, expected):
+        # Added items may enter a list, but every item that both lists share keeps its score.
+        shared = dict(want).keys() & dict(got).keys()
+        assert all(dict(got)[item] == pytest.approx(dict(want)[item], abs=1e-5) for item in shared)
+        assert all(item in recommender.item_index for item, _ in got)
+    assert recommender.num_items == 85
+
+
+ITEM_IDS = st.sampled_from([f"i{n}" for n in range(80)])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    history=st.lists(ITEM_IDS, max_size=30),
+    candidates=st.lists(ITEM_IDS, max_size=15, unique=True),
+    k=st.integers(min_value=1, max_value=100),
+)
+def test_fuzzed_histories_and_candidates(recommender, history, candidates, k):
+    ranked = recommender.recommend(history, k=k)
+    items = [item for item, _ in ranked]
+    assert len(items) == len(set(items)) == min(k, 80 - len(set(history)))
+    assert not set(items) & set(history)
+    scores = [score for _, score in ranked]
+    assert all(np.isfinite(scores)) and scores == sorted(scores, reverse=True)
+    reranked = recommender.rerank(history, candidates)
+    assert sorted(item for item, _ in reranked) == sorted(candidates)
+    assert all(np.isfinite(score) for _, score in reranked)
