@@ -51,7 +51,24 @@ class DataConfig:
         default=None,
         metadata={"help": "Keep only interactions rated >= this; None = every interaction is implicit feedback."},
     )
-    split: str = field(default="leave_one_out", metadata={"help": "leave_one_out | temporal"})
+    split: str = field(
+        default="leave_one_out",
+        metadata={"help": "leave_one_out | temporal | cold_items (held-out items, see cold_item_*) | "
+                  "cold_users (held-out users, see cold_user_*)."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the random cold_items / cold_users choice."})
+    cold_item_fraction: float = field(
+        default=0.15, metadata={"help": "cold_items split: share of the interacted items held out of training."}
+    )
+    cold_item_selection: str = field(
+        default="random", metadata={"help": "cold_items split: random (seeded) | newest (by first interaction)."}
+    )
+    cold_user_fraction: float = field(
+        default=0.1, metadata={"help": "cold_users split: share of the users held out of training."}
+    )
+    cold_user_history_length: int = field(
+        default=3, metadata={"help": "cold_users split: items a cold user's history shows (0 = profile only)."}
+    )
     temporal_valid_fraction: float = field(
         default=0.1, metadata={"help": "temporal split: share of interactions (by time) in the valid window."}
     )
@@ -76,7 +93,13 @@ class DataConfig:
 
     def validate(self) -> None:
         _check_choice("data.format", self.format, ["auto", "recbole", "movielens", "csv", "tsv", "jsonl", "parquet"])
-        _check_choice("data.split", self.split, ["leave_one_out", "temporal"])
+        _check_choice("data.split", self.split, ["leave_one_out", "temporal", "cold_items", "cold_users"])
+        _check_choice("data.cold_item_selection", self.cold_item_selection, ["random", "newest"])
+        for name in ("cold_item_fraction", "cold_user_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"data.{name} must be in (0, 1), got {getattr(self, name)}.")
+        if self.cold_user_history_length < 0:
+            raise ConfigError(f"data.cold_user_history_length must be >= 0, got {self.cold_user_history_length}.")
         for name in ("temporal_valid_fraction", "temporal_test_fraction"):
             value = getattr(self, name)
             if not 0.0 < value < 0.5:
@@ -149,6 +172,16 @@ class ModelSettings:
     id_dropout: float = field(
         default=0.1, metadata={"help": "Probability of dropping an item's ID embedding during training."}
     )
+    use_text_embeddings: bool = field(
+        default=True,
+        metadata={"help": "Represent items by their projected text embedding; false = ID-only model (items "
+                  "without interactions then have untrained random vectors)."},
+    )
+    exclude_unseen_items_from_loss: bool = field(
+        default=True,
+        metadata={"help": "Leave items without training interactions out of the training softmax, as if added "
+                  "later, so that cold items are not learnt as never chosen."},
+    )
     similarity_temperature: float = field(default=0.05, metadata={"help": "Softmax temperature over cosine scores."})
 
     def validate(self) -> None:
@@ -165,6 +198,9 @@ class ModelSettings:
         for name in ("dropout", "id_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}.")
+        if not (self.use_text_embeddings or self.use_id_embeddings):
+            raise ConfigError("model.use_text_embeddings and model.use_id_embeddings are both false; an item needs "
+                              "at least one representation.")
 
 
 @dataclass

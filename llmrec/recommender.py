@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import InvalidRequestError, LlmRecError, ModelFolderError, UnknownItemError
 from .hub import EVAL_RESULTS_FILE, MODEL_CARD_FILE, TRAINING_CONFIG_FILE, push_to_hub, read_run_metadata, render_model_card
-from .modeling import MODEL_FORMAT_VERSION, LlmRecModel
+from .modeling import MODEL_FORMAT_VERSION, LlmRecModel, pad_histories
 from .modeling.modeling_llmrec import ENCODER_ADAPTER_FOLDER
 from .modeling.text_encoding import embed_item_texts
 from .retrieval import CandidatePipeline, ItemIndex, build_item_index
@@ -335,15 +335,23 @@ class Recommender:
         exclude: Optional[Iterable[str]] = None,
         filter: Optional[ItemFilter] = None,
         exclude_history: bool = True,
+        profile: Optional[str] = None,
     ) -> RankedItems:
         """The `k` best items for one history (item ids, oldest first) as (item_id, score), best first.
 
         `exclude` lists items never to return, `filter` keeps only the items it admits (a callable on
         item ids, or a collection of allowed ids), and items of the history are left out unless
-        `exclude_history=False`. Fewer than `k` items come back when fewer are eligible. An empty history
-        gets the most popular eligible items, scored by their training popularity.
+        `exclude_history=False`. Fewer than `k` items come back when fewer are eligible.
+
+        `profile` is a free-text description of the user ("likes 90s sci-fi and dark comedies"), read by
+        the same BERT as the items, for models with a profile path (`use_user_profiles`). A user with a
+        profile is recommended for by the model even with an empty history (a cold user); an empty history
+        without a profile gets the most popular eligible items, scored by their training popularity.
         """
-        return self.recommend_batch([history], k, exclude=exclude, filter=filter, exclude_history=exclude_history)[0]
+        return self.recommend_batch(
+            [history], k, exclude=exclude, filter=filter, exclude_history=exclude_history,
+            profiles=None if profile is None else [profile],
+        )[0]
 
     def recommend_batch(
         self,
@@ -353,33 +361,69 @@ class Recommender:
         exclude: Optional[Iterable[str]] = None,
         filter: Optional[ItemFilter] = None,
         exclude_history: bool = True,
+        profiles: Optional[Sequence[Optional[str]]] = None,
     ) -> list[RankedItems]:
-        """`recommend` for many histories at once: one FAISS search and one reranker call per batch."""
+        """`recommend` for many histories at once: one FAISS search and one reranker call per batch.
+
+        `profiles`, if given, holds one profile text (or None) per history.
+        """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise InvalidRequestError(f"k must be a positive integer, got {k!r}.")
         if isinstance(histories, (str, bytes)):
             raise InvalidRequestError("recommend_batch takes a list of histories (each a list of item ids).")
+        profiles = self._check_profiles(profiles, len(histories))
         index_histories = [self._indices(history) for history in histories]
         excluded = set(self._indices(exclude, what="exclude list")) if exclude is not None else set()
         allowed = self._allowed_indices(filter)
         results: list[Optional[RankedItems]] = [None] * len(histories)
         warm = []
         for row, history in enumerate(index_histories):
-            if history:
+            if history or profiles[row] is not None:
                 warm.append(row)
             else:
                 results[row] = self._popular(excluded, allowed, k)
         if warm:
             warm_histories = [index_histories[row] for row in warm]
             never = [(set(history) if exclude_history else set()) | excluded for history in warm_histories]
-            candidates, scores = self.pipeline.retrieve_and_rerank(
-                warm_histories, max(k, self.pipeline.num_candidates), exclude=never, allowed=allowed
+            user_embeddings = self._user_embeddings(warm_histories, [profiles[row] for row in warm])
+            _, candidates = self.pipeline.retrieve(
+                warm_histories, max(k, self.pipeline.num_candidates), user_embeddings, exclude=never, allowed=allowed
             )
+            scores, _ = self.pipeline.rerank(warm_histories, candidates, user_embeddings=user_embeddings)
             scores = scores.float().cpu().numpy()
             for position, row in enumerate(warm):
                 order = np.argsort(-scores[position], kind="stable")
                 results[row] = self._ranked(candidates[position][order], scores[position][order], k)
         return results
+
+    def _check_profiles(self, profiles: Optional[Sequence[Optional[str]]], count: int) -> list[Optional[str]]:
+        if profiles is None:
+            return [None] * count
+        if isinstance(profiles, (str, bytes)):
+            raise InvalidRequestError("profiles must be a list with one profile text (or None) per history, not one string.")
+        profiles = list(profiles)
+        if len(profiles) != count:
+            raise InvalidRequestError(f"Got {count} histories but {len(profiles)} profiles; pass one (or None) per history.")
+        bad = [profile for profile in profiles if profile is not None and (not isinstance(profile, str) or not profile.strip())]
+        if bad:
+            raise InvalidRequestError(f"A profile must be a non-empty text (or None); got {bad[:3]!r}.")
+        if self.model.profile_projection is None and any(profile is not None for profile in profiles):
+            raise InvalidRequestError(
+                "This model has no user-profile path (trained without use_user_profiles); recommend from a history, "
+                "or fit profiles with llmrec.training.profiles.fit_user_profiles."
+            )
+        return profiles
+
+    @torch.inference_mode()
+    def _user_embeddings(self, histories: list[list[int]], profiles: list[Optional[str]]) -> torch.Tensor:
+        """User vectors from histories and, where given, profile texts (encoded by the item BERT)."""
+        if all(profile is None for profile in profiles):
+            return self.pipeline.user_embeddings(histories)
+        texts = [profile if profile is not None else "" for profile in profiles]
+        profile_embeddings = embed_item_texts(self.model, self.tokenizer, texts)
+        has_profile = torch.tensor([profile is not None for profile in profiles], device=profile_embeddings.device)
+        padded = pad_histories(histories, self.model.config.max_history_length, self.pipeline.device)
+        return self.model.encode_users(padded, self.pipeline.item_embeddings, profile_embeddings, has_profile)[:, -1]
 
     def rerank(self, history: Sequence[str], candidates: Sequence[str]) -> RankedItems:
         """Score the given candidates for one history with the cross-attention head, best first."""

@@ -46,6 +46,11 @@ class SequentialSplit:
     train_sequences: list[list[int]]  # aligned with user_ids
     valid: EvaluationExamples
     test: EvaluationExamples
+    # Cold-start splits only: the held-out items (cold_items) or users (cold_users), and the examples
+    # whose target is a cold item / whose user is cold. Empty for leave_one_out and temporal.
+    cold_item_indices: list[int] = field(default_factory=list)
+    cold_user_indices: list[int] = field(default_factory=list)
+    cold_test: EvaluationExamples = field(default_factory=EvaluationExamples)
 
     @property
     def num_items(self) -> int:
@@ -96,17 +101,32 @@ def build_split(data: InteractionData, config: DataConfig) -> SequentialSplit:
     item_index = {item_id: position + 1 for position, item_id in enumerate(item_ids)}
     user_ids, sequences, sequence_times = _user_sequences(data, item_index)
 
+    cold_items: list[int] = []
+    cold_users: list[int] = []
+    cold_test = EvaluationExamples()
     if config.split == "leave_one_out":
         train_sequences, valid, test = _leave_one_out(sequences)
     elif config.split == "temporal":
         train_sequences, valid, test = _temporal(sequences, sequence_times, config.temporal_valid_fraction,
                                                  config.temporal_test_fraction)
+    elif config.split == "cold_items":
+        cold_items = _choose_cold_items(sequences, sequence_times, config)
+        train_sequences, valid, test, cold_test = _cold_items(sequences, set(cold_items))
+    elif config.split == "cold_users":
+        cold_users = _choose_cold_users(sequences, config)
+        train_sequences, valid, test, cold_test = _cold_users(sequences, set(cold_users), config.cold_user_history_length)
     else:
-        raise DataError(f"data.split must be 'leave_one_out' or 'temporal', got {config.split!r}.")
+        raise DataError(f"data.split must be one of leave_one_out, temporal, cold_items, cold_users; got {config.split!r}.")
     _require_examples(config, valid, test, len(user_ids))
-    logger.info("%s split: %d users, %d items, %d training interactions, %d valid and %d test examples.",
-                config.split, len(user_ids), len(item_ids), sum(map(len, train_sequences)), len(valid), len(test))
-    return SequentialSplit(item_ids, item_texts, user_ids, train_sequences, valid, test)
+    if config.split in ("cold_items", "cold_users") and len(cold_test) == 0:
+        raise DataError(f"The {config.split} split has no cold example: no user has an interaction on a held-out item "
+                        "after an earlier one (cold_items) or enough interactions (cold_users). Raise "
+                        "data.cold_item_fraction / data.cold_user_fraction or lower data.cold_user_history_length.")
+    logger.info("%s split: %d users, %d items, %d training interactions, %d valid, %d test and %d cold-test examples.",
+                config.split, len(user_ids), len(item_ids), sum(map(len, train_sequences)), len(valid), len(test),
+                len(cold_test))
+    return SequentialSplit(item_ids, item_texts, user_ids, train_sequences, valid, test,
+                           cold_item_indices=cold_items, cold_user_indices=cold_users, cold_test=cold_test)
 
 
 def _require_examples(config: DataConfig, valid: EvaluationExamples, test: EvaluationExamples, num_users: int) -> None:
@@ -114,8 +134,8 @@ def _require_examples(config: DataConfig, valid: EvaluationExamples, test: Evalu
     empty = [name for name, examples in (("valid", valid), ("test", test)) if len(examples) == 0]
     if not empty:
         return
-    if config.split == "leave_one_out":
-        reason = (f"none of the {num_users} user(s) has the 3 or more interactions leave-one-out needs "
+    if config.split != "temporal":
+        reason = (f"none of the {num_users} user(s) has the 3 or more (warm) interactions leave-one-out needs "
                   "(1+ to train, 1 valid, 1 test)")
         fix = "Use data with longer histories, or lower data.rating_threshold if it removed most interactions."
     else:
@@ -203,3 +223,55 @@ def _temporal(sequences: list[list[int]], sequence_times: list[np.ndarray], vali
     logger.info("Temporal split: valid window starts at %s, test window at %s; %d valid and %d test candidates "
                 "skipped for an empty history.", valid_start, test_start, skipped_valid, skipped_test)
     return train_sequences, valid, test
+
+
+def _choose_cold_items(sequences: list[list[int]], sequence_times: list[np.ndarray], config: DataConfig) -> list[int]:
+    """Item indices to hold out: a seeded random sample, or the newest by first interaction, of the interacted items."""
+    items = np.concatenate([np.asarray(sequence, dtype=np.int64) for sequence in sequences])
+    times = np.concatenate(sequence_times)
+    interacted = np.unique(items)
+    if len(interacted) < 2:
+        raise DataError("data.split cold_items needs at least two interacted items (one warm, one cold).")
+    count = min(len(interacted) - 1, max(1, int(round(len(interacted) * config.cold_item_fraction))))
+    if config.cold_item_selection == "newest":
+        first_seen = np.full(items.max() + 1, np.inf)
+        np.minimum.at(first_seen, items, times)
+        # Newest first; among items first seen at the same time, the higher index (later in the catalogue) first.
+        order = np.lexsort((-interacted, -first_seen[interacted]))
+        chosen = interacted[order[:count]]
+    else:
+        chosen = np.random.default_rng(config.seed).choice(interacted, size=count, replace=False)
+    logger.info("cold_items: holding out %d of %d interacted items (%s).", count, len(interacted), config.cold_item_selection)
+    return sorted(int(item) for item in chosen)
+
+
+def _cold_items(sequences: list[list[int]], cold_items: set[int]
+                ) -> tuple[list[list[int]], EvaluationExamples, EvaluationExamples, EvaluationExamples]:
+    warm_sequences = [[item for item in sequence if item not in cold_items] for sequence in sequences]
+    train_sequences, valid, test = _leave_one_out(warm_sequences)
+    cold_test = EvaluationExamples()
+    for user_index, sequence in enumerate(sequences):
+        first_cold = next((position for position, item in enumerate(sequence) if item in cold_items), None)
+        # A user whose very first interaction is cold has no history to recommend from.
+        if first_cold:
+            cold_test.add(user_index, sequence[:first_cold], sequence[first_cold])
+    return train_sequences, valid, test, cold_test
+
+
+def _choose_cold_users(sequences: list[list[int]], config: DataConfig) -> list[int]:
+    """A seeded random sample of the users with enough interactions for a cold example."""
+    eligible = [user for user, sequence in enumerate(sequences) if len(sequence) > config.cold_user_history_length]
+    count = min(len(eligible), max(1, int(round(len(eligible) * config.cold_user_fraction)))) if eligible else 0
+    chosen = np.random.default_rng(config.seed).choice(eligible, size=count, replace=False) if count else []
+    logger.info("cold_users: holding out %d of %d eligible users.", count, len(eligible))
+    return sorted(int(user) for user in chosen)
+
+
+def _cold_users(sequences: list[list[int]], cold_users: set[int], history_length: int
+                ) -> tuple[list[list[int]], EvaluationExamples, EvaluationExamples, EvaluationExamples]:
+    warm_sequences = [[] if user in cold_users else sequence for user, sequence in enumerate(sequences)]
+    train_sequences, valid, test = _leave_one_out(warm_sequences)
+    cold_test = EvaluationExamples()
+    for user in sorted(cold_users):
+        cold_test.add(user, sequences[user][:history_length], sequences[user][history_length])
+    return train_sequences, valid, test, cold_test

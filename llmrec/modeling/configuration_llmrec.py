@@ -18,6 +18,10 @@ class LlmRecConfig(PretrainedConfig):
     from `config.json` alone. `encoder_name_or_path` records where the encoder's weights came from; it is
     only read again when `encoder_weights` is "adapter", i.e. the folder holds a PEFT adapter for that base
     model instead of full encoder weights.
+
+    `use_text_embeddings` / `use_id_embeddings` pick the item representation: hybrid (both, the default),
+    text-only or ID-only. `use_user_profiles` adds a projection for free-text user profiles. Both new flags
+    default to the layout of models saved before they existed, so those folders load unchanged.
     """
 
     model_type = "llmrec"
@@ -37,6 +41,9 @@ class LlmRecConfig(PretrainedConfig):
         dropout: float = 0.3,
         use_id_embeddings: bool = True,
         id_dropout: float = 0.1,
+        use_text_embeddings: bool = True,
+        use_user_profiles: bool = False,
+        exclude_unseen_items_from_loss: bool = True,
         similarity_temperature: float = 0.05,
         num_candidates: int = 100,
         encoder_weights: str = "full",
@@ -52,6 +59,8 @@ class LlmRecConfig(PretrainedConfig):
                 raise ValueError(f"hidden_size ({hidden_size}) must be divisible by {name} ({heads}).")
         if encoder_weights not in ENCODER_WEIGHT_KINDS:
             raise ValueError(f"encoder_weights must be one of {ENCODER_WEIGHT_KINDS}, got {encoder_weights!r}.")
+        if not (use_text_embeddings or use_id_embeddings):
+            raise ValueError("use_text_embeddings and use_id_embeddings are both False; items need a representation.")
         if similarity_temperature <= 0:
             raise ValueError(f"similarity_temperature must be positive, got {similarity_temperature}.")
         self.encoder_name_or_path = encoder_name_or_path
@@ -67,6 +76,9 @@ class LlmRecConfig(PretrainedConfig):
         self.dropout = dropout
         self.use_id_embeddings = use_id_embeddings
         self.id_dropout = id_dropout
+        self.use_text_embeddings = use_text_embeddings
+        self.use_user_profiles = use_user_profiles
+        self.exclude_unseen_items_from_loss = exclude_unseen_items_from_loss
         self.similarity_temperature = similarity_temperature
         self.num_candidates = num_candidates
         self.encoder_weights = encoder_weights

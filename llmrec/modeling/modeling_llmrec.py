@@ -129,6 +129,11 @@ class UserEncoder(nn.Module):
 
     Training reads every slot at once (each predicts the next item), so one pass over a whole history
     replaces the prefix expansion that makes RecBole's SASRec slow.
+
+    An optional profile token (a projected free-text user profile) is put before the history: every slot
+    may attend to it, so it conditions the whole sequence. It has no position embedding (it is not an
+    event in time) and its output slot is dropped, so the states still line up with the history slots;
+    for a user with a profile and an empty history, the last slot is the profile token's state.
     """
 
     def __init__(self, config: LlmRecConfig) -> None:
@@ -142,17 +147,40 @@ class UserEncoder(nn.Module):
         )
         self.output_norm = nn.LayerNorm(config.hidden_size)
 
-    def forward(self, history_embeddings: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        history_embeddings: torch.Tensor,
+        history_mask: torch.Tensor,
+        profile_embeddings: Optional[torch.Tensor] = None,
+        profile_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """(B, L, hidden) states; `profile_embeddings` (B, hidden) with `profile_mask` (B,) adds a leading profile token."""
         length = history_embeddings.shape[1]
         # Positions count from the end of a full window, as if every history were padded to max length,
         # so the most recent item has the same position in training and serving.
         positions = torch.arange(length, device=history_embeddings.device) + (self.max_history_length - length)
-        states = self.dropout(self.input_norm(history_embeddings + self.position_embeddings(positions)))
-        causal = torch.ones(length, length, dtype=torch.bool, device=states.device).tril()
+        states = self.input_norm(history_embeddings + self.position_embeddings(positions))
+        profile_only = None
+        if profile_embeddings is not None:
+            if profile_mask is None:
+                profile_mask = torch.ones(len(states), dtype=torch.bool, device=states.device)
+            profile_only = profile_mask & ~history_mask.any(dim=1)
+            states = torch.cat([self.input_norm(profile_embeddings).unsqueeze(1), states], dim=1)
+            history_mask = torch.cat([profile_mask.unsqueeze(1), history_mask], dim=1)
+        states = self.dropout(states)
+        total = states.shape[1]
+        causal = torch.ones(total, total, dtype=torch.bool, device=states.device).tril()
         allowed = (causal & history_mask[:, None, :])[:, None]  # (B, 1, L, L)
         for block in self.blocks:
             states = block(states, allowed)
-        return self.output_norm(states)
+        states = self.output_norm(states)
+        if profile_only is None:
+            return states
+        # With no history the profile is the user's last real token: read the user there, not at a
+        # padding slot whose own (untrained) residual stream would swamp the profile.
+        history_states = states[:, total - length:]
+        last = torch.where(profile_only.unsqueeze(-1), states[:, 0], history_states[:, -1])
+        return torch.cat([history_states[:, :-1], last.unsqueeze(1)], dim=1)
 
 
 class CrossAttentionReranker(nn.Module):
@@ -240,15 +268,43 @@ class LlmRecPreTrainedModel(PreTrainedModel):
 class LlmRecModel(LlmRecPreTrainedModel):
     """Two towers for retrieval (user encoder x item representations) plus the cross-attention reranker.
 
-    An item's representation is its projected text embedding, plus a learned ID embedding for items seen
-    in training (`warm_items`). Items without interactions keep the text path alone, and ID dropout in
-    training keeps that path calibrated, so cold items are not ranked down for lacking an ID.
+    Item representation (hybrid, the default): the projected text embedding plus a learned ID embedding
+    for items seen in training (`warm_items`). The text path carries over to items the model never saw;
+    the ID path adds what text cannot say (collaborative signal: which films the same people watch).
+    An item without interactions (a held-out or later-added item) keeps the text path alone, and two
+    things keep that from biasing it down:
+
+    - ID dropout (`id_dropout`): in training each warm item loses its ID embedding with that probability,
+      so the user tower is also fitted to text-only vectors and scores them on the same scale;
+    - scores are cosine similarities, so a cold vector's smaller norm (text only, no ID term) does not
+      lower its score; only its direction counts.
+
+    - items unseen in training are left out of the training softmax (`exclude_unseen_items_from_loss`),
+      as if they had been added after training; as negatives at every step they would teach the model
+      that text like theirs is never chosen, which ranks every cold item down (measured in
+      bench/README.md: with them in the softmax, cold items filled under 1 % of the top 10s).
+
+    A learned gate between the two paths was not used: the gate's input for a cold item would be a
+    value it never saw in training (no ID), the very case it would have to be calibrated for.
+    `use_id_embeddings=False` is the text-only model; `use_text_embeddings=False` is the ID-only model,
+    in which items never seen in training keep their random initial vector (detached, so as negatives of
+    the full softmax they are not pushed down either) and rank at random.
+
+    With `use_user_profiles`, a free-text user profile, encoded by the same BERT and projected by
+    `profile_projection`, is a leading token of the user sequence (see `UserEncoder`).
     """
 
     def __init__(self, config: LlmRecConfig) -> None:
         super().__init__(config)
         self.item_encoder = ItemTextEncoder(config)
-        self.text_projection = nn.Linear(self.item_encoder.output_size, config.hidden_size)
+        # Optional modules exist only when switched on, so the state dict of the default (hybrid, no profile)
+        # model is the one saved before these options existed.
+        self.text_projection = (
+            nn.Linear(self.item_encoder.output_size, config.hidden_size) if config.use_text_embeddings else None
+        )
+        self.profile_projection = (
+            nn.Linear(self.item_encoder.output_size, config.hidden_size) if config.use_user_profiles else None
+        )
         self.item_id_embeddings = (
             nn.Embedding(config.num_items + 1, config.hidden_size, padding_idx=0) if config.use_id_embeddings else None
         )
@@ -361,17 +417,43 @@ class LlmRecModel(LlmRecPreTrainedModel):
         if self.item_id_embeddings is not None:
             old = self.item_id_embeddings.weight
             grown = nn.Embedding(old.shape[0] + count, old.shape[1], padding_idx=0, device=device, dtype=old.dtype)
-            grown.weight.zero_()
+            if self.text_projection is None:  # ID-only: a new item is a random vector, as untrained cold items are
+                nn.init.normal_(grown.weight, std=0.02)
+            else:
+                grown.weight.zero_()
             grown.weight[: old.shape[0]] = old
             grown.weight.requires_grad_(old.requires_grad)
             self.item_id_embeddings = grown
         self.config.num_items += count
 
+    def enable_user_profiles(self) -> None:
+        """Add the profile path to a model built without it (e.g. one already trained).
+
+        The projection starts as a copy of the trained item `text_projection`, so a profile begins as a
+        pseudo-item with the same text (BERT embeddings of texts are close together, and a random start
+        learns slowly to tell them apart); fit it with `llmrec.training.profiles.fit_user_profiles`.
+        Users without a profile are unaffected either way.
+        """
+        if self.profile_projection is not None:
+            return
+        projection = nn.Linear(self.item_encoder.output_size, self.config.hidden_size, device=self.item_text_embeddings.device)
+        if self.text_projection is not None:
+            projection.load_state_dict(self.text_projection.state_dict())
+        else:
+            self._init_weights(projection)
+        self.profile_projection = projection
+        self.config.use_user_profiles = True
+
     def item_embeddings(self, item_text_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Representations of the whole catalogue, (num_items + 1, hidden); row 0 stays zero."""
-        text_embeddings = self.item_text_embeddings if item_text_embeddings is None else item_text_embeddings
-        representations = self.text_projection(text_embeddings.to(self.text_projection.weight.dtype))
-        if self.item_id_embeddings is not None:
+        if self.text_projection is None:
+            # ID-only: no gradient reaches an item unseen in training, so it keeps its random initial vector.
+            id_rows = self.item_id_embeddings.weight
+            representations = torch.where(self.warm_items.unsqueeze(-1), id_rows, id_rows.detach())
+        else:
+            text_embeddings = self.item_text_embeddings if item_text_embeddings is None else item_text_embeddings
+            representations = self.text_projection(text_embeddings.to(self.text_projection.weight.dtype))
+        if self.item_id_embeddings is not None and self.text_projection is not None:
             keep = self.warm_items.unsqueeze(-1).to(representations.dtype)
             if self.training and self.config.id_dropout > 0:
                 keep = keep * (torch.rand_like(keep) >= self.config.id_dropout).to(keep.dtype)
@@ -382,10 +464,25 @@ class LlmRecModel(LlmRecPreTrainedModel):
 
     # ----- user side ---------------------------------------------------------------------------------
 
-    def encode_users(self, history_item_indices: torch.Tensor, item_embeddings: torch.Tensor) -> torch.Tensor:
-        """Per-slot user states (B, L, hidden); the last slot is the user now."""
+    def encode_users(
+        self,
+        history_item_indices: torch.Tensor,
+        item_embeddings: torch.Tensor,
+        profile_text_embeddings: Optional[torch.Tensor] = None,
+        has_profile: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Per-slot user states (B, L, hidden); the last slot is the user now.
+
+        `profile_text_embeddings` (B, encoder hidden) are pooled BERT embeddings of user profiles (see
+        `text_encoding.embed_item_texts`); `has_profile` (B,) marks the rows that have one (default: all).
+        """
         history_mask = history_item_indices > 0
-        return self.user_encoder(item_embeddings[history_item_indices], history_mask)
+        profile_embeddings = None
+        if profile_text_embeddings is not None:
+            if self.profile_projection is None:
+                raise ValueError("This model has no user-profile path; build it with use_user_profiles=True.")
+            profile_embeddings = self.profile_projection(profile_text_embeddings.to(self.profile_projection.weight.dtype))
+        return self.user_encoder(item_embeddings[history_item_indices], history_mask, profile_embeddings, has_profile)
 
     def similarity(self, user_embeddings: torch.Tensor, item_embeddings: torch.Tensor) -> torch.Tensor:
         """Cosine / temperature: the same ranking FAISS gives with inner product on normalised vectors."""
@@ -435,6 +532,8 @@ class LlmRecModel(LlmRecPreTrainedModel):
         candidate_labels: Optional[torch.Tensor] = None,
         text_inputs: Optional[dict[str, torch.Tensor]] = None,
         output_attentions: bool = False,
+        profile_text_embeddings: Optional[torch.Tensor] = None,
+        has_profile: Optional[torch.Tensor] = None,
     ) -> LlmRecOutput:
         """Retrieval mode (no candidates) or rerank mode (`candidate_item_indices` given).
 
@@ -443,9 +542,10 @@ class LlmRecModel(LlmRecPreTrainedModel):
         is given, over those items with the logQ correction `sampled_log_q` (sampled softmax); `logits` are
         then None, since scoring the whole catalogue is what sampling avoids. Rerank: the loss is listwise
         cross-entropy over each user's candidates, `candidate_labels` giving the positive's column.
+        `profile_text_embeddings` / `has_profile` add user profiles (see `encode_users`).
         """
         item_embeddings = self.item_embeddings(self._fresh_text_embeddings(text_inputs))
-        user_states = self.encode_users(history_item_indices, item_embeddings)
+        user_states = self.encode_users(history_item_indices, item_embeddings, profile_text_embeddings, has_profile)
         user_embeddings = user_states[:, -1]
 
         if candidate_item_indices is None:
@@ -474,11 +574,20 @@ class LlmRecModel(LlmRecPreTrainedModel):
         has_target = target_item_indices != IGNORE_INDEX
         states = user_states[has_target]
         targets = target_item_indices[has_target]
+        # Items unseen in training are left out of the softmax, as if added after training: as negatives
+        # at every step, the model would learn from their text that such items are never chosen, and rank
+        # every cold item down (see the class docstring). Padding is never a valid next item either.
+        excluded = ~self.warm_items if self.config.exclude_unseen_items_from_loss and self.warm_items.any() else None
+        if excluded is None:
+            excluded = torch.zeros_like(self.warm_items)
+        excluded = excluded.clone()
+        excluded[0] = True
+        excluded[targets] = False
         if sampled_item_indices is None:
-            logits = self.similarity(states, item_embeddings)
-            logits[:, 0] = float("-inf")  # padding is never a valid next item
+            logits = self.similarity(states, item_embeddings).masked_fill(excluded, float("-inf"))
             return F.cross_entropy(logits, targets)
         # Sampled softmax: sampled_item_indices is sorted, unique and holds every target.
         logits = self.similarity(states, item_embeddings[sampled_item_indices]) - sampled_log_q
+        logits = logits.masked_fill(excluded[sampled_item_indices], float("-inf"))
         target_columns = torch.searchsorted(sampled_item_indices, targets)
         return F.cross_entropy(logits, target_columns)
