@@ -5,6 +5,18 @@
     python scripts/finetune.py --config configs/ml100k.yaml --training.retrieval_epochs 5
 
 Any config value can be overridden as ``--section.field VALUE`` (or ``--section.field=VALUE``).
+
+Resuming: with ``--training.checkpoint_every_steps N`` the run saves a checkpoint every N optimizer steps
+and at the end of each stage into ``<output_dir>/checkpoints`` (the two most advanced are kept; a fresh run
+removes an earlier run's). After a crash or kill, run the same command again with
+
+    --resume              continue from the most advanced checkpoint in <output_dir>/checkpoints
+    --resume CHECKPOINT   continue from that checkpoint folder
+
+It goes on from the next batch of the interrupted epoch (a stage the checkpoint had finished is not trained
+again) and, with the same seed and hardware, ends with the same metrics as an uninterrupted run. The config
+must match the checkpoint's except for output_dir, training.checkpoint_every_steps, training.cpu_threads,
+training.encode_batch_size and evaluation.batch_size, and the number of processes must be the same.
 """
 
 from __future__ import annotations
@@ -22,13 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (see configs/).")
     parser.add_argument("--output_dir", help="Where the model, index and eval_results.json go.")
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+        help="Continue an interrupted run: from CHECKPOINT, or without it from the latest in <output_dir>/checkpoints.",
+    )
     arguments, overrides = parser.parse_known_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         if arguments.output_dir:
             overrides += [f"--output_dir={arguments.output_dir}"]
         config = load_config(arguments.config, overrides)
-        run_finetune(config)
+        run_finetune(config, resume_from=arguments.resume)
     except LlmRecError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from ..evaluation import evaluate_ranking, popularity_scores
 from ..modeling import LlmRecModel
 from ..modeling.text_encoding import encode_catalogue, tokenize_item_texts
 from ..recommender import Recommender
-from .trainer import LlmRecTrainer, rerank_score_function, retrieval_score_function
+from .trainer import LlmRecTrainer, find_checkpoint, rerank_score_function, retrieval_score_function
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +72,16 @@ def set_cpu_threads(requested: Optional[int], local_processes: int) -> int:
     return threads
 
 
-def run_finetune(config: ExperimentConfig) -> dict[str, Any]:
-    """Train both stages, evaluate popularity / retrieval / rerank, and save everything to `output_dir`."""
+def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) -> dict[str, Any]:
+    """Train both stages, evaluate popularity / retrieval / rerank, and save everything to `output_dir`.
+
+    `resume_from` continues an interrupted run from a checkpoint folder, or from the most advanced one in
+    `<output_dir>/checkpoints` if it is "latest"; the config must match the checkpoint's (ConfigError otherwise).
+    """
     started = time.perf_counter()
     settings = config.training
+    # Before any data is loaded, so a missing or mismatched checkpoint fails at once.
+    checkpoint = find_checkpoint(config, resume_from) if resume_from is not None else None
     accelerator = Accelerator(
         cpu=_distributed_without_gpu(),
         mixed_precision=settings.mixed_precision,
@@ -109,7 +115,7 @@ def run_finetune(config: ExperimentConfig) -> dict[str, Any]:
         add_lora(model, config)
     timings["item_encoding_seconds"] = time.perf_counter() - stage_start
 
-    trainer = LlmRecTrainer(model, split, config, accelerator, tokenized_items)
+    trainer = LlmRecTrainer(model, split, config, accelerator, tokenized_items, resume_from=checkpoint)
     best_retrieval = trainer.train_retrieval()
     best_rerank = trainer.train_reranker()
     timings.update(trainer.timings)

@@ -2,34 +2,60 @@
 
 Both stages share one loop (`_fit`): mixed precision, gradient accumulation, checkpoints every N steps
 and early stopping on validation NDCG@10, keeping the best weights.
+
+A checkpoint is `Accelerator.save_state` (model, optimizer, scaler, RNG states) plus `trainer_state.json`
+(where the loop stands, the run's config) and `best_state.safetensors` (the best weights so far). Resuming
+from one continues the interrupted run exactly: the data order depends only on (seed, stage, epoch), the
+batches already seen are skipped, and nothing between the restored RNG state and the next batch draws
+from the global RNG.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
+from accelerate.utils import SAFE_WEIGHTS_NAME
+from safetensors.torch import load_file, save_file
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig
 from ..data import SequentialSplit
+from ..errors import ConfigError
 from ..evaluation import evaluate_ranking, scores_from_candidates
 from ..modeling import LlmRecModel, pad_histories
 from ..modeling.text_encoding import encode_catalogue
 from ..retrieval import CandidatePipeline, build_item_index
+from ..utils.io import atomic_write, write_json_atomic
 from .examples import RerankExample, collate_next_item, collate_rerank, next_item_windows, rerank_prefixes
 
 logger = logging.getLogger(__name__)
 
 SELECTION_METRIC = "ndcg@10"
+STAGES = ("retrieval", "rerank")
+TRAINER_STATE_NAME = "trainer_state.json"
+BEST_STATE_NAME = "best_state.safetensors"
+CHECKPOINTS_KEPT = 2
+# Settings a resumed run may change: they leave the data, the model and the optimisation untouched
+# (thread counts and inference batch sizes can still move results at float-rounding level).
+RESUMABLE_CHANGES = (
+    "output_dir", "training.checkpoint_every_steps", "training.cpu_threads", "training.encode_batch_size",
+    "evaluation.batch_size",
+)
 # Largest full-softmax logits tensor per batch (positions x catalogue, fp32) that `loss: auto` allows: 1 GiB.
 FULL_SOFTMAX_MAX_LOGITS = 2**28
 
@@ -56,12 +82,148 @@ def choose_retrieval_loss(config: ExperimentConfig, num_items: int) -> str:
     return "full_softmax"
 
 
+def derived_seed(*keys: int) -> int:
+    """A seed for one purpose (stage, epoch, batch, ...) of a run, independent of every other draw."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A new permutation every epoch that depends only on (seed, epoch), never on the global RNG.
+
+    A resumed run therefore replays the interrupted epoch's order, and every process draws the same
+    permutation for Accelerate to shard. The loop sets `epoch`; there is deliberately no `set_epoch`,
+    which Accelerate would call with its own per-loader count (it restarts at 0 for a skipping loader).
+    """
+
+    def __init__(self, num_examples: int, seed: int) -> None:
+        self.num_examples = num_examples
+        self.seed = seed
+        self.epoch = 1
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.num_examples, generator=generator).tolist())
+
+
+@dataclasses.dataclass
+class TrainingProgress:
+    """Where one stage's loop stands: what a checkpoint needs beyond `Accelerator.save_state` and the best weights."""
+
+    stage: str
+    epoch: int = 1  # the epoch in progress, from 1
+    batches_done: int = 0  # batches of `epoch` trained on; a resumed loader skips them
+    global_step: int = 0  # optimizer steps in this stage
+    epoch_loss_sum: float = 0.0  # over the `batches_done` batches, for the epoch's mean loss
+    best_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # best valid epoch so far (0 = untrained)
+    evaluations_without_gain: int = 0
+    training_seconds: float = 0.0
+    finished: bool = False  # the stage ended and its best weights are in the model
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batches_done = 0
+        self.epoch_loss_sum = 0.0
+
+    @property
+    def order(self) -> tuple[int, bool, int]:
+        """Sorts checkpoints by how far training had got."""
+        return STAGES.index(self.stage), self.finished, self.global_step
+
+
+def checkpoint_root(config: ExperimentConfig) -> Path:
+    return Path(config.output_dir) / "checkpoints"
+
+
+def read_trainer_state(checkpoint: Union[str, Path]) -> dict[str, Any]:
+    return json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+
+
+def list_checkpoints(folder: Union[str, Path]) -> list[Path]:
+    """Published checkpoints in `folder`, least advanced first; hidden staging folders of interrupted saves are not."""
+    found = []
+    for candidate in Path(folder).glob("[!.]*"):
+        try:
+            progress = TrainingProgress(**read_trainer_state(candidate)["progress"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append((progress.order, candidate))
+    return [path for _, path in sorted(found)]
+
+
+def find_checkpoint(config: ExperimentConfig, resume_from: Union[str, Path]) -> Path:
+    """The checkpoint to resume from ("latest": the most advanced in `<output_dir>/checkpoints`), checked against `config`."""
+    if str(resume_from) == "latest":
+        checkpoints = list_checkpoints(checkpoint_root(config))
+        if not checkpoints:
+            raise ConfigError(
+                f"Nothing to resume from: no checkpoint in {checkpoint_root(config)}. Checkpoints are saved when "
+                "training.checkpoint_every_steps > 0; run without resuming to start from scratch."
+            )
+        checkpoint = checkpoints[-1]
+    else:
+        checkpoint = Path(resume_from).expanduser()
+        if not (checkpoint / TRAINER_STATE_NAME).is_file():
+            raise ConfigError(
+                f"{checkpoint} is not a checkpoint folder (no {TRAINER_STATE_NAME}); give one of the folders in "
+                "<output_dir>/checkpoints, or resume from the latest one."
+            )
+    check_resumable(read_trainer_state(checkpoint), config, checkpoint)
+    return checkpoint
+
+
+def check_resumable(trainer_state: dict[str, Any], config: ExperimentConfig, checkpoint: Path) -> None:
+    """Refuse a checkpoint whose run had other data, model or training settings than `config`."""
+    saved, current = _flatten(trainer_state["config"]), _flatten(config.to_dict())
+    # A setting added to llmrec after the checkpoint was written had its default value in that run.
+    defaults = _flatten(ExperimentConfig().to_dict())
+    saved.update({name: defaults[name] for name in current.keys() - saved.keys() if name in defaults})
+    differences = [
+        f"{name}: {_shown(saved, name)} in the checkpoint, {_shown(current, name)} now"
+        for name in sorted(set(saved) | set(current))
+        if name not in RESUMABLE_CHANGES and (name in saved, saved.get(name)) != (name in current, current.get(name))
+    ]
+    if differences:
+        raise ConfigError(
+            f"Cannot resume from {checkpoint}: its run used a different configuration ({'; '.join(differences)}). "
+            "Resume with the settings the checkpoint was trained with, or start a new run."
+        )
+
+
+def _shown(values: dict[str, Any], name: str) -> str:
+    return repr(values[name]) if name in values else "not set"
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def data_fingerprint(split: SequentialSplit) -> str:
+    """A hash of the catalogue, the training sequences and the evaluation examples: same config, changed files."""
+    content = [split.item_ids, split.item_texts, split.user_ids, split.train_sequences]
+    for examples in (split.valid, split.test):
+        content += [examples.user_indices, examples.histories, examples.targets]
+    encoded = json.dumps(content, default=lambda value: value.tolist()).encode("utf-8")
+    return hashlib.sha256(encoded).hexdigest()
+
+
 class LlmRecTrainer:
     """Trains an `LlmRecModel` on a `SequentialSplit`.
 
     With a frozen encoder the catalogue is encoded once and the towers train on cached text embeddings
     with a full softmax over the catalogue. With LoRA, each step re-encodes only the (deduplicated)
     items its batch touches and trains with a sampled softmax.
+
+    `resume_from` (a checkpoint folder, see `find_checkpoint`) continues an interrupted run: stages the
+    checkpoint had finished are not trained again, and the stage it was in goes on from its next batch.
     """
 
     def __init__(
@@ -71,6 +233,7 @@ class LlmRecTrainer:
         config: ExperimentConfig,
         accelerator: Accelerator,
         tokenized_items: dict[str, torch.Tensor],
+        resume_from: Optional[Union[str, Path]] = None,
     ) -> None:
         self.model = model
         self.split = split
@@ -84,8 +247,19 @@ class LlmRecTrainer:
         # subtracts the log of each item's chance to be in the sample, so the sampled softmax estimates the full one.
         self.sampling_probabilities = (popularity + 1).index_fill(0, torch.tensor([0]), 0.0)
         self.sampling_probabilities /= self.sampling_probabilities.sum()
-        self.checkpoint_dir = Path(config.output_dir) / "checkpoints"
+        self.checkpoint_dir = checkpoint_root(config)
         self.timings: dict[str, float] = {}
+        self.finished_stages: dict[str, dict] = {}  # stage -> its best valid metrics
+        self._collate_position = (1, 0)  # (epoch, batch) of the next batch the loader collates
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.resumed: Optional[TrainingProgress] = None
+        if self.resume_from is not None:
+            self._read_resume_point()
+        self._clear_stale_checkpoints()
+
+    @functools.cached_property
+    def data_fingerprint(self) -> str:
+        return data_fingerprint(self.split)
 
     # ----- stage 1 -----------------------------------------------------------------------------------
 
@@ -95,25 +269,23 @@ class LlmRecTrainer:
         self._set_trainable(lambda name: not name.startswith("reranker."))
         max_length = self.model.config.max_history_length
         windows = next_item_windows(self.split.train_sequences, max_length)
-        loader = DataLoader(
-            windows,
-            batch_size=settings.retrieval_batch_size,
-            shuffle=True,
-            collate_fn=lambda batch: self._with_item_inputs(collate_next_item(batch, max_length)),
+        loader = self._shuffled_loader(
+            "retrieval", windows, settings.retrieval_batch_size,
+            lambda batch: self._with_item_inputs(collate_next_item(batch, max_length)),
         )
         logger.info("Stage 1: %d training windows, loss %s.", len(windows), self.loss_type)
-        start = time.perf_counter()
-        best = self._fit(
+        return self._fit(
             "retrieval", loader, settings.retrieval_epochs, settings.retrieval_learning_rate, self.evaluate_retrieval_valid
         )
-        self.timings["retrieval_training_seconds"] = time.perf_counter() - start
-        return best
 
     def _with_item_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Add sampled negatives and, when the encoder trains, the texts of the items this batch touches."""
         if self.loss_type == "sampled_softmax":
             targets = batch["target_item_indices"]
-            negatives = torch.multinomial(self.sampling_probabilities, self.config.training.num_sampled_negatives, replacement=True)
+            negatives = torch.multinomial(
+                self.sampling_probabilities, self.config.training.num_sampled_negatives, replacement=True,
+                generator=self._negatives_generator(),
+            )
             sampled = torch.unique(torch.cat([targets[targets > 0], negatives]))
             batch["sampled_item_indices"] = sampled
             batch["sampled_log_q"] = log_inclusion_probability(
@@ -132,6 +304,17 @@ class LlmRecTrainer:
                 "attention_mask": self.tokenized_items["attention_mask"][items, :width],
             }
         return batch
+
+    def _negatives_generator(self) -> torch.Generator:
+        """Seeded per (epoch, batch, process), not drawn from the global RNG.
+
+        The loader collates one batch ahead of training, so global-RNG draws here would sit on the other
+        side of a checkpoint than the batch they belong to, and a resumed run would draw other negatives.
+        """
+        epoch, batch = self._collate_position
+        self._collate_position = (epoch, batch + 1)
+        seed = derived_seed(self.config.training.seed, STAGES.index("retrieval"), epoch, batch, self.accelerator.process_index)
+        return torch.Generator().manual_seed(seed)
 
     def refresh_item_cache(self) -> None:
         """Re-encode the catalogue when the encoder has changed (LoRA); free with a frozen encoder."""
@@ -160,18 +343,20 @@ class LlmRecTrainer:
                     examples.append(RerankExample(history, row, int(hit[0])))
         logger.info("Stage 2: %d of %d positions have their next item among the candidates.", len(examples), len(histories))
         max_length = self.model.config.max_history_length
-        loader = DataLoader(
-            examples,
-            batch_size=settings.rerank_batch_size,
-            shuffle=True,
-            collate_fn=lambda batch: collate_rerank(batch, max_length),
+        loader = self._shuffled_loader(
+            "rerank", examples, settings.rerank_batch_size, lambda batch: collate_rerank(batch, max_length)
         )
-        start = time.perf_counter()
-        best = self._fit("rerank", loader, settings.rerank_epochs, settings.rerank_learning_rate, self.evaluate_rerank_valid)
-        self.timings["rerank_training_seconds"] = time.perf_counter() - start
-        return best
+        return self._fit("rerank", loader, settings.rerank_epochs, settings.rerank_learning_rate, self.evaluate_rerank_valid)
 
     # ----- shared loop -------------------------------------------------------------------------------
+
+    def _shuffled_loader(self, stage: str, examples: list, batch_size: int, collate: Callable) -> DataLoader:
+        seed = derived_seed(self.config.training.seed, STAGES.index(stage))
+        # Its own generator, so that starting an epoch (the loader draws a worker base seed) leaves the global RNG alone.
+        return DataLoader(
+            examples, batch_size=batch_size, sampler=EpochShuffleSampler(len(examples), seed), collate_fn=collate,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def _set_trainable(self, is_trainable: Callable[[str], bool]) -> None:
         """Freeze all but `is_trainable` parameters; encoder weights train only through LoRA adapters."""
@@ -179,6 +364,9 @@ class LlmRecTrainer:
             parameter.requires_grad_(is_trainable(name) and ("lora_" in name or "item_encoder." not in name))
 
     def _fit(self, stage: str, loader: DataLoader, epochs: int, learning_rate: float, evaluate: Callable[[], dict]) -> dict:
+        if self.resumed is not None and STAGES.index(self.resumed.stage) > STAGES.index(stage):
+            return self._restore_finished_stage(stage)
+        started = time.perf_counter()
         settings = self.config.training
         accelerator = self.accelerator
         unwrapped = accelerator.unwrap_model(self.model)
@@ -186,59 +374,100 @@ class LlmRecTrainer:
         if not parameters or epochs == 0:
             metrics = {**evaluate(), "epoch": 0}
             logger.info("%s: nothing to train; valid %s", stage, _format(metrics))
+            self._record_stage(stage, metrics, time.perf_counter() - started)
             return metrics
+        sampler = loader.sampler
         optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=settings.weight_decay)
         model, optimizer, loader = accelerator.prepare(self.model, optimizer, loader)
-        # Epoch 0 is the starting point: a stage that never beats it on validation keeps its initial weights.
-        best_metrics = {**evaluate(), "epoch": 0}
-        best_state = self._trainable_state(unwrapped)
-        logger.info("%s before training: valid %s", stage, _format(best_metrics))
-        evaluations_without_gain = 0
-        global_step = 0
-        for epoch in range(1, epochs + 1):
+        progress, best_state = self._start_stage(stage, unwrapped, evaluate)
+        saved_at_end = progress.finished  # resumed from the checkpoint this stage wrote when it ended
+        clock_start = started - progress.training_seconds
+        while not progress.finished:
             self._train_mode(unwrapped, stage)
-            losses = []
+            sampler.epoch = progress.epoch
+            self._collate_position = (progress.epoch, progress.batches_done)
+            remaining = accelerator.skip_first_batches(loader, progress.batches_done) if progress.batches_done else loader
             # disable=None: a bar on a terminal, none in log files.
-            progress = tqdm(
-                loader, desc=f"{stage} epoch {epoch}/{epochs}", leave=False,
-                disable=None if accelerator.is_local_main_process else True,
+            bar = tqdm(
+                remaining, desc=f"{stage} epoch {progress.epoch}/{epochs}", leave=False, total=len(loader),
+                initial=progress.batches_done, disable=None if accelerator.is_local_main_process else True,
             )
-            for batch in progress:
+            for batch in bar:
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad()
-                losses.append(loss.item())
+                loss_value = loss.item()
+                progress.epoch_loss_sum += loss_value
+                progress.batches_done += 1
                 if accelerator.sync_gradients:
-                    global_step += 1
-                    if settings.checkpoint_every_steps and global_step % settings.checkpoint_every_steps == 0:
-                        self._save_checkpoint(f"{stage}-step-{global_step}")
-                progress.set_postfix(loss=f"{losses[-1]:.4f}")
-            mean_loss = float(np.mean(losses)) if losses else math.nan
-            if epoch % settings.eval_every_epochs and epoch != epochs:
-                logger.info("%s epoch %d: loss %.4f", stage, epoch, mean_loss)
-                continue
-            if stage == "retrieval":
-                self.refresh_item_cache()
-            metrics = evaluate()
-            logger.info("%s epoch %d: loss %.4f, valid %s", stage, epoch, mean_loss, _format(metrics))
-            if metrics[SELECTION_METRIC] > best_metrics[SELECTION_METRIC]:
-                best_metrics = {**metrics, "epoch": epoch}
-                best_state = self._trainable_state(unwrapped)
-                evaluations_without_gain = 0
-            else:
-                evaluations_without_gain += 1
-                if settings.early_stopping_patience and evaluations_without_gain >= settings.early_stopping_patience:
-                    logger.info("%s: early stop after epoch %d (best epoch %d).", stage, epoch, best_metrics["epoch"])
-                    break
-        unwrapped.load_state_dict(best_state, strict=False)
-        if stage == "retrieval":
-            self.refresh_item_cache()
+                    progress.global_step += 1
+                    if settings.checkpoint_every_steps and progress.global_step % settings.checkpoint_every_steps == 0:
+                        progress.training_seconds = time.perf_counter() - clock_start
+                        self._save_checkpoint(progress, best_state)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            best_state = self._end_epoch(progress, best_state, unwrapped, epochs, evaluate)
+        progress.training_seconds = time.perf_counter() - clock_start
+        self._end_stage(progress, best_state, unwrapped, save_checkpoint=bool(settings.checkpoint_every_steps) and not saved_at_end)
         self.model = accelerator.unwrap_model(model)
         accelerator.free_memory()
         unwrapped.eval()
-        return best_metrics
+        return progress.best_metrics
+
+    def _start_stage(
+        self, stage: str, model: LlmRecModel, evaluate: Callable[[], dict]
+    ) -> tuple[TrainingProgress, dict[str, torch.Tensor]]:
+        """Fresh progress and best state, or those of the checkpoint being resumed if it was saved in this stage."""
+        if self.resumed is not None and self.resumed.stage == stage:
+            return self._load_checkpoint()
+        # Epoch 0 is the starting point: a stage that never beats it on validation keeps its initial weights.
+        progress = TrainingProgress(stage, best_metrics={**evaluate(), "epoch": 0})
+        logger.info("%s before training: valid %s", stage, _format(progress.best_metrics))
+        return progress, self._trainable_state(model)
+
+    def _end_epoch(
+        self, progress: TrainingProgress, best_state: dict, model: LlmRecModel, epochs: int, evaluate: Callable[[], dict]
+    ) -> dict[str, torch.Tensor]:
+        """Validate (every `eval_every_epochs`), keep the best weights, decide on early stopping; returns the best state."""
+        settings, stage, epoch = self.config.training, progress.stage, progress.epoch
+        mean_loss = progress.epoch_loss_sum / progress.batches_done if progress.batches_done else math.nan
+        progress.finished = epoch >= epochs
+        if epoch % settings.eval_every_epochs and not progress.finished:
+            logger.info("%s epoch %d: loss %.4f", stage, epoch, mean_loss)
+            progress.next_epoch()
+            return best_state
+        if stage == "retrieval":
+            self.refresh_item_cache()
+        metrics = evaluate()
+        logger.info("%s epoch %d: loss %.4f, valid %s", stage, epoch, mean_loss, _format(metrics))
+        if metrics[SELECTION_METRIC] > progress.best_metrics[SELECTION_METRIC]:
+            progress.best_metrics = {**metrics, "epoch": epoch}
+            progress.evaluations_without_gain = 0
+            best_state = self._trainable_state(model)
+        else:
+            progress.evaluations_without_gain += 1
+            if settings.early_stopping_patience and progress.evaluations_without_gain >= settings.early_stopping_patience:
+                logger.info("%s: early stop after epoch %d (best epoch %d).", stage, epoch, progress.best_metrics["epoch"])
+                progress.finished = True
+        if not progress.finished:
+            progress.next_epoch()
+        return best_state
+
+    def _end_stage(
+        self, progress: TrainingProgress, best_state: dict[str, torch.Tensor], model: LlmRecModel, save_checkpoint: bool
+    ) -> None:
+        """Put the best weights back; once they are in a checkpoint, a kill in the next stage does not train this one again."""
+        model.load_state_dict(best_state, strict=False)
+        if progress.stage == "retrieval":
+            self.refresh_item_cache()
+        self._record_stage(progress.stage, progress.best_metrics, progress.training_seconds)
+        if save_checkpoint:
+            self._save_checkpoint(progress, best_state)
+
+    def _record_stage(self, stage: str, best_metrics: dict, seconds: float) -> None:
+        self.finished_stages[stage] = best_metrics
+        self.timings[f"{stage}_training_seconds"] = seconds
 
     @staticmethod
     def _trainable_state(model: LlmRecModel) -> dict[str, torch.Tensor]:
@@ -253,13 +482,97 @@ class LlmRecTrainer:
             model.eval()
             model.reranker.train()
 
-    def _save_checkpoint(self, name: str) -> None:
-        self.accelerator.save_state(str(self.checkpoint_dir / name))
-        if self.accelerator.is_main_process:
-            # Keep the two most recent checkpoints: enough to resume, bounded on disk.
-            existing = sorted(self.checkpoint_dir.glob("*-step-*"), key=lambda path: path.stat().st_mtime)
-            for old in existing[:-2]:
-                shutil.rmtree(old, ignore_errors=True)
+    # ----- checkpoints -------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, progress: TrainingProgress, best_state: dict[str, torch.Tensor]) -> None:
+        """Accelerate state plus the loop's progress, published by one rename once complete.
+
+        A kill mid-save leaves only a hidden staging folder, which resuming ignores and the next run clears.
+        """
+        accelerator = self.accelerator
+        name = f"{progress.stage}-done" if progress.finished else f"{progress.stage}-step-{progress.global_step}"
+        staging = self.checkpoint_dir / f".staging-{name}"  # the same path on every process
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_file({key: value.detach().cpu().contiguous() for key, value in best_state.items()}, staging / BEST_STATE_NAME)
+            write_json_atomic(staging / TRAINER_STATE_NAME, self._trainer_state(progress))
+            with atomic_write(self.checkpoint_dir / name) as temporary:
+                os.replace(staging, temporary)
+            # Keep the most advanced checkpoints: enough to resume, bounded on disk.
+            for old in list_checkpoints(self.checkpoint_dir)[:-CHECKPOINTS_KEPT]:
+                _remove_folder(old)
+        accelerator.wait_for_everyone()
+
+    def _trainer_state(self, progress: TrainingProgress) -> dict[str, Any]:
+        return {
+            "progress": dataclasses.asdict(progress),
+            "finished_stages": self.finished_stages,
+            "timings": self.timings,
+            "num_processes": self.accelerator.num_processes,
+            "data_fingerprint": self.data_fingerprint,
+            "config": self.config.to_dict(),
+        }
+
+    def _read_resume_point(self) -> None:
+        trainer_state = read_trainer_state(self.resume_from)
+        check_resumable(trainer_state, self.config, self.resume_from)
+        if trainer_state["data_fingerprint"] != self.data_fingerprint:
+            raise ConfigError(
+                f"Cannot resume from {self.resume_from}: the data (catalogue, training sequences or evaluation "
+                "examples) differ from the data it was trained on, although the data settings are the same."
+            )
+        if trainer_state["num_processes"] != self.accelerator.num_processes:
+            raise ConfigError(
+                f"Cannot resume from {self.resume_from}: it was written by {trainer_state['num_processes']} "
+                f"process(es) and this run has {self.accelerator.num_processes}; each process has its own share of "
+                "the data and its own RNG state, so resume with the same number of processes."
+            )
+        self.resumed = TrainingProgress(**trainer_state["progress"])
+        self.finished_stages = trainer_state["finished_stages"]
+        self.timings = trainer_state["timings"]
+        where = "its end" if self.resumed.finished else f"epoch {self.resumed.epoch}, batch {self.resumed.batches_done}"
+        logger.info("Resuming from %s: stage %s at %s.", self.resume_from, self.resumed.stage, where)
+
+    def _load_checkpoint(self) -> tuple[TrainingProgress, dict[str, torch.Tensor]]:
+        """Model, optimizer, RNG states and loop progress of the stage the checkpoint was saved in."""
+        self.accelerator.load_state(str(self.resume_from))
+        device = self.accelerator.device
+        best_state = {key: value.to(device) for key, value in load_file(self.resume_from / BEST_STATE_NAME).items()}
+        progress, self.resumed = self.resumed, None  # later stages start afresh
+        return progress, best_state
+
+    def _restore_finished_stage(self, stage: str) -> dict[str, float]:
+        """A checkpoint of a later stage holds this stage's final weights (and item cache): load them, do not train."""
+        state = load_file(self.resume_from / SAFE_WEIGHTS_NAME)
+        consume_prefix_in_state_dict_if_present(state, "module.")  # saved from the DDP-wrapped model
+        model = self.accelerator.unwrap_model(self.model)
+        model.load_state_dict(state)
+        model.eval()  # as a trained stage leaves it: the next stage retrieves its candidates without dropout
+        logger.info("%s: finished in checkpoint %s; not training it again.", stage, self.resume_from)
+        return self.finished_stages[stage]
+
+    def _clear_stale_checkpoints(self) -> None:
+        """Remove staging folders of interrupted saves and, unless resuming, an earlier run's checkpoints.
+
+        Those would otherwise be mixed up with this run's when picking the latest or pruning.
+        """
+        if not self.accelerator.is_main_process or not self.checkpoint_dir.is_dir():
+            return
+        for leftover in self.checkpoint_dir.glob(".*"):
+            _remove_folder(leftover)
+        if self.resume_from is None and self.config.training.checkpoint_every_steps:
+            earlier = list_checkpoints(self.checkpoint_dir)
+            if earlier:
+                logger.warning(
+                    "Not resuming: removing %d checkpoint(s) of an earlier run from %s (resume to continue from them).",
+                    len(earlier), self.checkpoint_dir,
+                )
+            for checkpoint in earlier:
+                _remove_folder(checkpoint)
 
     # ----- evaluation --------------------------------------------------------------------------------
 
@@ -322,3 +635,16 @@ def rerank_score_function(pipeline: CandidatePipeline, num_items: int) -> Callab
 
 def _format(metrics: dict[str, float]) -> str:
     return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key not in ("num_users", "epoch"))
+
+
+def _remove_folder(folder: Path) -> None:
+    """Hide a folder before deleting it, so a kill mid-delete cannot leave a partial checkpoint that looks published."""
+    hidden = folder.parent / f".deleting-{folder.name}"
+    try:
+        os.replace(folder, hidden)
+    except OSError:
+        hidden = folder
+    if hidden.is_dir():
+        shutil.rmtree(hidden, ignore_errors=True)
+    else:
+        hidden.unlink(missing_ok=True)
