@@ -22,8 +22,9 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-bert")
     words = ["genre", "movie", "about", "number"] + [f"g{genre}" for genre in range(NUM_GENRES)] + [str(n) for n in range(100)]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    # From a dict: transformers 5's BertTokenizerFast ignores `vocab_file` and would map every word to [UNK].
+    tokenizer = BertTokenizerFast(vocab={word: index for index, word in enumerate(vocab)})
+    assert tokenizer("movie genre g1")["input_ids"] == [2, vocab.index("movie"), vocab.index("genre"), vocab.index("g1"), 3]
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(

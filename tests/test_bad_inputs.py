@@ -113,7 +113,7 @@ ERROR_CASES = [
      ["inter.jsonl", "byte 0xe9 at byte offset 54 (line 1)", "data.encoding"]),
     # --- splits ---
     ("nobody-has-three-interactions", _split({"inter.csv": HEADER + "u1,1,1\nu1,2,2\nu2,3,1\n", "items.csv": ITEMS}),
-     DataError, ["leave_one_out split has no valid or test example", "3 or more interactions"]),
+     DataError, ["leave_one_out split has no valid or test example", "3 or more (warm) interactions"]),
     ("temporal-windows-without-history", _split({"inter.csv": HEADER + "u1,1,1\nu2,2,1\nu3,3,1\n", "items.csv": ITEMS},
                                                 split="temporal"),
      DataError, ["temporal split has no valid or test example", "data.temporal_valid_fraction"]),
