@@ -31,6 +31,11 @@ _SYSTEM_NAMES = {"popularity": "Popularity", "retrieval": "llmrec retrieval", "r
 _METRIC_NAMES = {"ndcg": "NDCG", "hr": "HR", "mrr": "MRR"}
 
 
+def _ranking_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The @k metrics of an evaluation, without bookkeeping entries such as num_users."""
+    return {name: value for name, value in metrics.items() if "@" in name}
+
+
 def model_card_template_path() -> Path:
     """The repository's `model_cards/` template; wheels ship that folder as `llmrec.model_cards`."""
     in_checkout = Path(__file__).resolve().parents[1] / "model_cards" / MODEL_CARD_TEMPLATE
@@ -57,7 +62,8 @@ def _metric_label(metric: str) -> str:
 def _evaluation_table(eval_results: dict[str, Any]) -> str:
     rows = []
     for split in ("test", "valid"):
-        for system, metrics in eval_results.get(split, {}).items():
+        for system, all_metrics in eval_results.get(split, {}).items():
+            metrics = _ranking_metrics(all_metrics)
             if not rows:
                 rows.append("| Split | System | " + " | ".join(_metric_label(metric) for metric in metrics) + " |")
                 rows.append("|---|---|" + "---|" * len(metrics))
@@ -66,7 +72,7 @@ def _evaluation_table(eval_results: dict[str, Any]) -> str:
     return "\n".join(rows) if rows else "No evaluation results were recorded for this model."
 
 
-def _evaluation_protocol(training_config: dict[str, Any], num_items: int) -> str:
+def _evaluation_protocol(training_config: dict[str, Any], eval_results: dict[str, Any], num_items: int) -> str:
     split = training_config.get("data", {}).get("split", "leave_one_out")
     if split == "leave_one_out":
         held_out = (
@@ -75,8 +81,10 @@ def _evaluation_protocol(training_config: dict[str, Any], num_items: int) -> str
         )
     else:
         held_out = "A global temporal split: interactions after a cut-off time are held out for validation and test."
+    test_users = next(iter(eval_results.get("test", {}).values()), {}).get("num_users")
+    users = f" There are {int(test_users)} test users." if test_users else ""
     return (
-        f"{held_out} Every target is ranked against the full catalogue of {num_items} items (no sampled "
+        f"{held_out}{users} Every target is ranked against the full catalogue of {num_items} items (no sampled "
         "negatives) with the user's history removed, and ties count against the target. The head-line "
         "figures (the `model-index` metadata) are the test figures of retrieval + rerank."
     )
@@ -111,7 +119,7 @@ def render_model_card(
             metric_name=_metric_label(metric),
             metric_value=round(float(value), 6),
         )
-        for metric, value in eval_results.get("test", {}).get("rerank", {}).items()
+        for metric, value in _ranking_metrics(eval_results.get("test", {}).get("rerank", {})).items()
     ]
     tags = ["llmrec", "recommendation", "sequential-recommendation", "faiss", "cross-attention"]
     if config.encoder_weights == "adapter":
@@ -137,6 +145,7 @@ def render_model_card(
     return ModelCard.from_template(
         card_data,
         template_path=str(model_card_template_path()),
+        model_name=model_name,
         repo_id=repo_id or "path/to/this/folder",
         base_model=base_model,
         num_items=len(item_ids),
@@ -162,7 +171,7 @@ def render_model_card(
         num_candidates=config.num_candidates,
         rerank_num_heads=config.rerank_num_heads,
         dataset_description=_dataset_description(training_config, dataset_name),
-        evaluation_protocol=_evaluation_protocol(training_config, len(item_ids)),
+        evaluation_protocol=_evaluation_protocol(training_config, eval_results, len(item_ids)),
         evaluation_table=_evaluation_table(eval_results),
         training_config=yaml.safe_dump(training_config, sort_keys=False).strip() if training_config else "# not recorded",
         llmrec_version=__version__,
