@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from transformers import BertConfig
 
 from conftest import ITEMS_PER_GENRE, NUM_GENRES, tiny_overrides
 from llmrec import Recommender
@@ -35,28 +35,9 @@ def _genre(item_index: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def word_encoder_dir(tmp_path_factory):
-    """A 1-layer random BERT whose tokenizer knows the planted words (so texts differ by genre and number).
-
-    Built from a vocab dict: with transformers 5, `BertTokenizerFast(vocab_file=...)` ignores the file and
-    reads every word as [UNK].
-    """
-    folder = tmp_path_factory.mktemp("word-bert")
-    words = ["genre", "movie", "about", "number"] + [f"g{genre}" for genre in range(NUM_GENRES)] + [str(n) for n in range(100)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    tokenizer = BertTokenizerFast(vocab={word: index for index, word in enumerate(vocab)})
-    assert tokenizer("movie genre g1")["input_ids"] == [2, vocab.index("movie"), vocab.index("genre"), vocab.index("g1"), 3]
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def cold_run(tmp_path_factory, planted_data_dir, word_encoder_dir):
+def cold_run(tmp_path_factory, planted_data_dir, tiny_encoder_dir):
     """A few-second fine-tune on the planted data with 20 % of the items held out."""
-    config = _cold_config(planted_data_dir, word_encoder_dir, tmp_path_factory.mktemp("cold-run"))
+    config = _cold_config(planted_data_dir, tiny_encoder_dir, tmp_path_factory.mktemp("cold-run"))
     split = build_split(load_interaction_data(config.data), config.data)
     run_finetune(config)
     return config, split
