@@ -205,7 +205,14 @@ class Recommender:
         """
         from . import __version__
 
-        save_directory = Path(save_directory)
+        save_directory = Path(save_directory).expanduser().resolve()
+        if save_directory.exists() and not save_directory.is_dir():
+            raise ModelFolderError(f"{save_directory} is a file; save the model to a folder (new or existing).")
+        if save_directory == Path.cwd().resolve() or save_directory in Path.cwd().resolve().parents:
+            raise ModelFolderError(
+                f"Not saving into {save_directory}: it is the working directory (or holds it), which a save swaps "
+                "out as a whole. Save to a dedicated folder such as runs/my-model."
+            )
         with atomic_write(save_directory) as staging:
             staging.mkdir()
             self.model.config.llmrec_version = __version__

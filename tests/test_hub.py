@@ -328,6 +328,17 @@ def test_a_save_killed_at_any_moment_leaves_a_complete_folder(recommender, model
     assert interrupted, "no kill landed inside a save; the test checked nothing"
 
 
+def test_save_refuses_a_file_or_the_working_directory(recommender, tmp_path, monkeypatch):
+    (tmp_path / "model.txt").write_text("mine")
+    with pytest.raises(ModelFolderError, match="is a file"):
+        recommender.save_pretrained(tmp_path / "model.txt")
+    assert (tmp_path / "model.txt").read_text() == "mine"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelFolderError, match="working directory"):
+        recommender.save_pretrained(".")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.txt"]
+
+
 def test_a_folder_moved_aside_by_an_interrupted_save_is_restored(model_folder, tmp_path):
     target = tmp_path / "served"
     shutil.copytree(model_folder, target)
