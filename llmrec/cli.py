@@ -388,17 +388,13 @@ def command_explain(arguments: argparse.Namespace) -> int:
 
 
 def command_push(arguments: argparse.Namespace) -> int:
-    try:
-        from .hub import push_to_hub
-    except ModuleNotFoundError as error:
-        if error.name != f"{__package__}.hub":
-            raise
-        raise ArgumentError("this llmrec has no Hub upload yet (llmrec.hub is missing); update llmrec.") from None
+    from .hub import push_to_hub
+
     if not Path(arguments.model).is_dir():
         raise ModelFolderError(f"Model folder {arguments.model} does not exist; pass the output_dir of a finetune run.")
     files = push_to_hub(  # private=None leaves an existing repo's visibility alone
         arguments.model, arguments.repo_id, private=arguments.private or None, token=arguments.token,
-        dry_run=arguments.dry_run,
+        commit_message=arguments.commit_message, dry_run=arguments.dry_run,
     )
     if arguments.json:
         _print_json({"repo_id": arguments.repo_id, "dry_run": arguments.dry_run, "files": list(files)})
@@ -498,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id", metavar="REPO_ID", help="Hub repository, e.g. my-name/llmrec-ml100k.")
     push.add_argument("--private", action="store_true", help="Create the repository as private.")
     push.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached `hf auth login` token).")
+    push.add_argument("--commit-message", default="Upload llmrec model", help="Message of the Hub commit.")
     push.add_argument("--dry-run", action="store_true", help="List the files that would be uploaded; upload nothing.")
     return parser
 

@@ -279,16 +279,18 @@ def test_explain_script_draws_history_by_recommendations(capsys, model_dir, user
 def test_push_passes_its_options_to_the_hub_module(monkeypatch, capsys, model_dir):
     calls = []
 
-    def fake_push_to_hub(folder, repo_id, *, private=None, token=None, dry_run=False):
-        calls.append((folder, repo_id, private, token, dry_run))
+    def fake_push_to_hub(folder, repo_id, *, private=None, token=None, commit_message="", dry_run=False):
+        calls.append((folder, repo_id, private, token, dry_run, commit_message))
         return ["config.json", "model.safetensors"]
 
     monkeypatch.setitem(sys.modules, "llmrec.hub", types.SimpleNamespace(push_to_hub=fake_push_to_hub))
-    code, out, _ = run_cli(capsys, "push", model_dir, "me/tiny", "--private", "--token", "hf_x", "--dry-run")
-    assert code == 0 and calls == [(model_dir, "me/tiny", True, "hf_x", True)]
+    code, out, _ = run_cli(
+        capsys, "push", model_dir, "me/tiny", "--private", "--token", "hf_x", "--dry-run", "--commit-message", "v2"
+    )
+    assert code == 0 and calls == [(model_dir, "me/tiny", True, "hf_x", True, "v2")]
     assert "Would upload 2 file(s)" in out and "model.safetensors" in out
     code, out, _ = run_cli(capsys, "push", model_dir, "me/tiny", "--json")
-    assert code == 0 and calls[-1][2:] == (None, None, False) and json.loads(out)["files"] == ["config.json", "model.safetensors"]
+    assert code == 0 and calls[-1][2:] == (None, None, False, "Upload llmrec model") and json.loads(out)["files"] == ["config.json", "model.safetensors"]
 
 
 def test_push_dry_run_lists_the_model_files(capsys, model_dir):
