@@ -160,3 +160,161 @@ def test_atomic_write_replaces_folders_whole(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["weights.bin"]
     assert (folder / "weights.bin").read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+# ----- approximate index types (HNSW, IVF) -------------------------------------------------------------
+
+ANN_TYPES = ["hnsw", "ivf"]
+ALL_TYPES = ["flat", *ANN_TYPES]
+
+
+def _clustered(num_items: int, dim: int, num_clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Items scattered around cluster centres (as real item embeddings are), and queries near random items."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(num_clusters, dim))
+    items = centres[rng.integers(0, num_clusters, num_items)] + 0.35 * rng.normal(size=(num_items, dim))
+    queries = items[rng.integers(0, num_items, 40)] + 0.35 * rng.normal(size=(40, dim))
+    return items.astype(np.float32), queries.astype(np.float32)
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(np.intersect1d(a[a > 0], b[b > 0])) / max(1, (b > 0).sum()) for a, b in zip(found, truth)]))
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    return _clustered(3000, 16, 40, seed=5)
+
+
+@pytest.mark.parametrize("index_type", ALL_TYPES)
+def test_save_load_round_trip_keeps_type_and_search_params(tmp_path, clustered, index_type):
+    items, queries = clustered
+    params = {"flat": {}, "hnsw": {"M": 12, "efConstruction": 60, "efSearch": 40}, "ivf": {"nlist": 20, "nprobe": 3}}[index_type]
+    index = ItemIndex.build(items, index_type=index_type, **params)
+    path = tmp_path / "items.faiss"
+    index.save(path)
+    loaded = ItemIndex.load(path)
+    assert loaded.index_type == index_type and loaded.params == index.params
+    for name, value in params.items():
+        assert loaded.params[name] == value
+    exclude = [list(range(1, 1 + row)) for row in range(len(queries))]
+    for original, restored in zip(index.search(queries, 10, exclude), loaded.search(queries, 10, exclude)):
+        np.testing.assert_array_equal(original, restored)
+    meta = json.loads(sidecar_text(path))
+    if index_type == "flat":  # unchanged version-1 sidecar, readable by older llmrec
+        assert meta == {"format_version": 1, "normalize": True, "dim": 16, "num_items": 3000}
+    else:
+        assert meta["format_version"] == 2 and meta["index_type"] == index_type and meta["params"] == loaded.params
+
+
+def sidecar_text(path) -> str:
+    return path.with_name(path.name + ".json").read_text()
+
+
+def test_search_params_change_without_rebuild_and_survive_save(tmp_path, clustered):
+    items, _ = clustered
+    index = ItemIndex.build(items, index_type="hnsw", efSearch=20)
+    index.set_search_params(efSearch=300)
+    assert index.faiss_index.hnsw.efSearch == 300
+    index.save(tmp_path / "items.faiss")
+    assert ItemIndex.load(tmp_path / "items.faiss").params["efSearch"] == 300
+    with pytest.raises(ValueError, match="cannot be set on a hnsw index at search time"):
+        index.set_search_params(M=8)
+    with pytest.raises(ValueError, match="cannot be set on a flat index"):
+        ItemIndex.build(items).set_search_params(nprobe=4)
+
+
+def test_sidecar_that_contradicts_the_file_or_has_a_newer_version_is_refused(tmp_path, clustered):
+    items, _ = clustered
+    path = tmp_path / "items.faiss"
+    ItemIndex.build(items, index_type="hnsw").save(path)
+    meta_path = path.with_name(path.name + ".json")
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "index_type": "ivf"}))
+    with pytest.raises(ModelFolderError, match="holds a hnsw index but the metadata says ivf"):
+        ItemIndex.load(path)
+    meta_path.write_text(json.dumps({**meta, "format_version": 3}))
+    with pytest.raises(ModelFolderError, match="format version 3"):
+        ItemIndex.load(path)
+    meta_path.write_text(json.dumps({**meta, "params": {"efSearch": 0}}))
+    with pytest.raises(ModelFolderError, match="efSearch must be a positive integer"):
+        ItemIndex.load(path)
+
+
+@pytest.mark.parametrize("index_type", ALL_TYPES)
+def test_exclusion_and_allowed_filters_hold_for_every_type(clustered, index_type):
+    items, queries = clustered
+    index = ItemIndex.build(items, index_type=index_type)
+    exact = ItemIndex.build(items)
+    _, unfiltered = exact.search(queries, 20)
+    exclude = [list(row[:10]) for row in unfiltered]  # the nearest items, as a user's history would be
+    narrow = np.arange(1, 3001, 37)  # 82 items: scored exactly by the approximate types
+    wide = np.arange(1, 3001, 2)  # 1,500 items: passed to FAISS as an ID selector
+    for allowed in (None, narrow, wide):
+        scores, indices = index.search(queries, 15, exclude=exclude, allowed=allowed)
+        assert indices.shape == (len(queries), 15) and (indices > 0).all() and np.isfinite(scores).all()
+        assert np.all(np.diff(scores, axis=1) <= 1e-6)
+        for row, excluded in zip(indices, exclude):
+            assert not set(row) & set(excluded)
+            if allowed is not None:
+                assert set(row) <= set(allowed.tolist())
+        _, expected = exact.search(queries, 15, exclude=exclude, allowed=allowed)
+        if allowed is narrow or index_type == "flat":
+            np.testing.assert_array_equal(indices, expected)
+        else:
+            assert _recall(indices, expected) >= 0.9
+
+
+@pytest.mark.parametrize("index_type", ANN_TYPES)
+def test_approximate_recall_against_flat_on_clustered_items(index_type):
+    items, queries = _clustered(8000, 32, 60, seed=6)
+    _, truth = ItemIndex.build(items).search(queries, 100)
+    _, found = ItemIndex.build(items, index_type=index_type).search(queries, 100)
+    assert _recall(found, truth) >= 0.95
+    if index_type == "hnsw":
+        # The beam is widened to k: efSearch 8 alone would find far fewer than 100 good items.
+        _, narrow_beam = ItemIndex.build(items, index_type="hnsw", efSearch=8).search(queries, 100)
+        assert _recall(narrow_beam, truth) >= 0.9
+
+
+@pytest.mark.parametrize("index_type", ALL_TYPES)
+def test_add_and_extended_keep_type_params_and_find_new_items(clustered, index_type):
+    items, _ = clustered
+    index = ItemIndex.build(items[:2500], index_type=index_type)
+    grown = index.extended(items[2500:])
+    assert index.num_items == 2500 and grown.num_items == 3000
+    assert grown.index_type == index_type and grown.params == index.params
+    _, indices = grown.search(items[2500:2520], 1)
+    assert indices[:, 0].tolist() == list(range(2501, 2521))
+    index.add(items[2500:])
+    np.testing.assert_allclose(index.reconstruct_all(), grown.reconstruct_all(), rtol=1e-6)
+
+
+def test_ivf_on_tiny_catalogues_and_short_results(clustered):
+    tiny = np.random.default_rng(7).normal(size=(5, 4)).astype(np.float32)
+    index = ItemIndex.build(tiny, index_type="ivf")
+    assert index.params["nlist"] == 1  # one list: an exact search
+    _, indices = index.search(tiny, 5)
+    assert sorted(indices[0].tolist()) == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="nlist=8 needs at least that many items"):
+        ItemIndex.build(tiny, index_type="ivf", nlist=8)
+    with pytest.raises(ValueError, match="cannot be built from zero items"):
+        ItemIndex.build(np.empty((0, 4), dtype=np.float32), index_type="ivf")
+    # One probed list holds ~75 items; asking for 400 must still return 400 (the search is widened).
+    items, queries = clustered
+    scores, indices = ItemIndex.build(items, index_type="ivf", nlist=40, nprobe=1).search(queries, 400)
+    assert (indices > 0).all() and np.isfinite(scores).all()
+    assert all(len(set(row)) == 400 for row in indices.tolist())
+
+
+def test_bad_index_types_and_params_are_clear_errors(clustered):
+    items, _ = clustered
+    with pytest.raises(ValueError, match="Unknown index_type 'annoy'; choose one of flat, hnsw, ivf"):
+        ItemIndex.build(items, index_type="annoy")
+    with pytest.raises(ValueError, match="Unknown parameter 'nprobe' for index_type 'hnsw'; valid parameters: M, efConstruction, efSearch"):
+        ItemIndex.build(items, index_type="hnsw", nprobe=4)
+    with pytest.raises(ValueError, match="valid parameters: none"):
+        ItemIndex.build(items, M=16)
+    for bad in (0, -2, 2.5, True, "16"):
+        with pytest.raises(ValueError, match="M must be a positive integer"):
+            ItemIndex.build(items, index_type="hnsw", M=bad)

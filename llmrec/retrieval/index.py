@@ -1,11 +1,25 @@
-"""Exact inner-product (or cosine) retrieval over item embeddings, with per-user exclusion of already-seen items."""
+"""Inner-product (or cosine) retrieval over item embeddings, exact or approximate, with per-user exclusion of seen items.
+
+Three FAISS index types sit behind one `ItemIndex`:
+
+- ``flat`` (IndexFlatIP, the default): exact. Its cost grows linearly with the catalogue and is bound by
+  memory bandwidth; it is the right choice up to a few hundred thousand items.
+- ``hnsw`` (IndexHNSWFlat): a navigable small-world graph; sub-millisecond top-100 at a million items with
+  high recall, at about twice flat's memory (the graph links) and a build that takes minutes at 1M items.
+- ``ivf`` (IndexIVFFlat): items bucketed by k-means centroids and only the ``nprobe`` nearest buckets
+  scanned; cheap to build and to store, needs training data (the catalogue itself).
+
+`bench/scaling.py` measures all three on catalogues up to 1M items and is where the defaults come from.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -15,8 +29,39 @@ from llmrec.utils.io import atomic_write, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# Flat indexes still write the version-1 sidecar, so folders with the default index stay readable by older
+# llmrec; approximate indexes write version 2 (index type and parameters), which older llmrec refuses
+# cleanly instead of silently searching with FAISS's own defaults.
+FLAT_FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PADDING_INDEX = 0
+
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+# Defaults (see bench/results/scaling.md for the measurements behind them, 64-d item embeddings):
+# - HNSW M=32: 64 links per item at the base layer; below ~16 recall@100 saturates early, above 48 memory
+#   and build time grow for little gain. efConstruction=100: graph quality close to 200 at half the build
+#   time. efSearch=128: the search beam; top-100 needs a beam of at least 100 (FAISS uses max(efSearch, k)),
+#   and 128 reaches recall@100 >= 0.95 on the benchmark's clustered 1M-item catalogue. FAISS does not widen
+#   the beam to k by itself (efSearch 16 gives recall@100 ~0.6 on that catalogue), so `search` uses
+#   max(efSearch, k) as hnswlib does.
+# - IVF nlist=None means 4 * sqrt(num_items) lists (the usual rule of thumb, ~250 items per list at 1M),
+#   capped so that each centroid has at least 39 training items (FAISS's own minimum); nprobe=32 lists are
+#   scanned per query.
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "flat": {},
+    "hnsw": {"M": 32, "efConstruction": 100, "efSearch": 128},
+    "ivf": {"nlist": None, "nprobe": 32},
+}
+SEARCH_PARAMS = {"flat": (), "hnsw": ("efSearch",), "ivf": ("nprobe",)}
+IVF_MIN_ITEMS_PER_LIST = 39
+# With an `allowed` filter this narrow, approximate indexes score the allowed items exactly: a graph or
+# bucket search that must skip most of what it visits would come back short, and scoring a few thousand
+# vectors directly costs less than a millisecond.
+EXACT_FILTER_MAX_ITEMS = 16_384
+# An approximate search that comes back with fewer results than asked (too narrow a beam or too few buckets
+# for k + history, or a filter) is repeated for those queries with efSearch / nprobe doubled, up to this
+# factor, and then exactly.
+MAX_WIDENING = 16
 
 
 def _float32_rows(array: np.ndarray, what: str, copy: bool) -> np.ndarray:
@@ -39,20 +84,152 @@ def sidecar_path(index_path: str | Path) -> Path:
     return index_path.with_name(index_path.name + ".json")
 
 
-class ItemIndex:
-    """FAISS index over item embeddings; row r holds item index r+1."""
+def resolve_index_params(index_type: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults of `index_type` overridden by `params`; unknown types, names and non-positive values raise ValueError."""
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"Unknown index_type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}.")
+    resolved = dict(DEFAULT_PARAMS[index_type])
+    for name, value in (params or {}).items():
+        if name not in resolved:
+            valid = ", ".join(DEFAULT_PARAMS[index_type]) or "none"
+            raise ValueError(f"Unknown parameter {name!r} for index_type {index_type!r}; valid parameters: {valid}.")
+        if value is None and DEFAULT_PARAMS[index_type][name] is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{index_type} parameter {name} must be a positive integer; got {value!r}.")
+        resolved[name] = int(value)
+    return resolved
 
-    def __init__(self, faiss_index: faiss.Index, normalize: bool = True) -> None:
+
+def default_nlist(num_items: int) -> int:
+    """4 * sqrt(n) lists, but never so many that a centroid has fewer than 39 items to train on."""
+    return max(1, min(int(round(4 * math.sqrt(num_items))), num_items // IVF_MIN_ITEMS_PER_LIST))
+
+
+def _index_type_of(faiss_index: faiss.Index) -> str:
+    if isinstance(faiss_index, faiss.IndexFlat):
+        return "flat"
+    if isinstance(faiss_index, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(faiss_index, faiss.IndexIVF):
+        return "ivf"
+    raise ValueError(f"Unsupported FAISS index {type(faiss_index).__name__}; ItemIndex handles {', '.join(INDEX_TYPES)}.")
+
+
+def _params_of(faiss_index: faiss.Index, index_type: str) -> dict[str, Any]:
+    """The parameters stored inside a FAISS object, for indexes handed over without them."""
+    if index_type == "hnsw":
+        hnsw = faiss_index.hnsw
+        return {"M": int(hnsw.nb_neighbors(1)), "efConstruction": int(hnsw.efConstruction), "efSearch": int(hnsw.efSearch)}
+    if index_type == "ivf":
+        return {"nlist": int(faiss_index.nlist), "nprobe": int(faiss_index.nprobe)}
+    return {}
+
+
+class ItemIndex:
+    """FAISS index over item embeddings; row r holds item index r+1.
+
+    `index_type` and `params` describe the FAISS object (see `build`); when not given they are read from it.
+    """
+
+    def __init__(
+        self,
+        faiss_index: faiss.Index,
+        normalize: bool = True,
+        index_type: str | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
         self.faiss_index = faiss_index
         self.normalize = bool(normalize)
+        self.index_type = index_type or _index_type_of(faiss_index)
+        self.params = {**_params_of(faiss_index, self.index_type), **dict(params or {})}
+        if self.index_type == "ivf" and faiss_index.direct_map.type == faiss.DirectMap.NoMap:
+            # Lets exact fallbacks fetch stored vectors by id (8 bytes per item).
+            faiss_index.make_direct_map()
+        self._apply_search_params()
 
     @classmethod
-    def build(cls, item_embeddings: np.ndarray, normalize: bool = True) -> "ItemIndex":
-        """Exact search (IndexFlatIP): catalogues here are small enough that approximate search is not worth its recall loss."""
-        embeddings = _float32_rows(item_embeddings, "item_embeddings", copy=False)
-        item_index = cls(faiss.IndexFlatIP(embeddings.shape[1]), normalize=normalize)
-        item_index.add(embeddings)
+    def build(
+        cls, item_embeddings: np.ndarray, normalize: bool = True, index_type: str = "flat", **params: Any
+    ) -> "ItemIndex":
+        """Index `item_embeddings` (row r = item index r+1) for cosine (`normalize`) or inner-product search.
+
+        `index_type` is "flat" (exact), "hnsw" (params M, efConstruction, efSearch) or "ivf" (params nlist,
+        nprobe); unset params take `DEFAULT_PARAMS`. IVF trains its centroids on the catalogue itself, so it
+        needs at least `nlist` items: an explicit `nlist` larger than the catalogue raises ValueError, and the
+        automatic one shrinks with it, down to one list (then it is an exact search) for catalogues under 78
+        items. Items added later are put in the nearest existing list; rebuild after the catalogue has grown
+        several-fold, or the lists get long and slow.
+        """
+        resolved = resolve_index_params(index_type, params)
+        if index_type != "flat" and not normalize:
+            logger.warning(
+                "An approximate (%s) index over unnormalised vectors searches by raw inner product, which graph and "
+                "bucket methods approximate poorly; use normalize=True (cosine) unless the norms carry meaning.",
+                index_type,
+            )
+        embeddings = _float32_rows(item_embeddings, "item_embeddings", copy=normalize)
+        if normalize and len(embeddings):
+            faiss.normalize_L2(embeddings)
+        dim, num_items = embeddings.shape[1], embeddings.shape[0]
+        if index_type == "flat":
+            faiss_index = faiss.IndexFlatIP(dim)
+        elif index_type == "hnsw":
+            faiss_index = faiss.IndexHNSWFlat(dim, resolved["M"], faiss.METRIC_INNER_PRODUCT)
+            faiss_index.hnsw.efConstruction = resolved["efConstruction"]
+        else:
+            if resolved["nlist"] is None:
+                resolved["nlist"] = default_nlist(num_items)
+                if num_items == 0:
+                    raise ValueError("An IVF index is trained on the catalogue and cannot be built from zero items; use index_type='flat'.")
+            elif resolved["nlist"] > num_items:
+                raise ValueError(
+                    f"An IVF index with nlist={resolved['nlist']} needs at least that many items to train its "
+                    f"centroids, but the catalogue has {num_items}; use a smaller nlist (or leave it unset), or index_type='flat'."
+                )
+            faiss_index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, resolved["nlist"], faiss.METRIC_INNER_PRODUCT)
+            faiss_index.train(embeddings)
+        if len(embeddings):
+            faiss_index.add(embeddings)
+        item_index = cls(faiss_index, normalize=normalize, index_type=index_type, params=resolved)
+        logger.info("Built %r", item_index)
         return item_index
+
+    def set_search_params(self, **params: Any) -> None:
+        """Change the search-time parameters (efSearch for HNSW, nprobe for IVF) without rebuilding."""
+        allowed = SEARCH_PARAMS[self.index_type]
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            valid = ", ".join(allowed) or "none (a flat index is exact)"
+            raise ValueError(f"{unknown} cannot be set on a {self.index_type} index at search time; valid: {valid}.")
+        checked = resolve_index_params(self.index_type, params)
+        self.params.update({name: checked[name] for name in params})
+        self._apply_search_params()
+
+    def _apply_search_params(self) -> None:
+        if self.index_type == "hnsw":
+            self.faiss_index.hnsw.efSearch = int(self.params["efSearch"])
+        elif self.index_type == "ivf":
+            self.faiss_index.nprobe = int(self.params["nprobe"])
+
+    def _search_parameters(
+        self, selector: faiss.IDSelector | None, k: int, widen: int = 1
+    ) -> faiss.SearchParameters | None:
+        """FAISS needs the parameter class of the index type; passing one overrides every value on the index."""
+        beam = max(int(self.params.get("efSearch", 0)), k)
+        if selector is None and widen == 1 and (self.index_type != "hnsw" or beam == self.params["efSearch"]):
+            return None
+        if self.index_type == "hnsw":
+            parameters = faiss.SearchParametersHNSW()
+            parameters.efSearch = beam * widen
+        elif self.index_type == "ivf":
+            parameters = faiss.SearchParametersIVF()
+            parameters.nprobe = min(int(self.params["nprobe"]) * widen, int(self.faiss_index.nlist))
+        else:
+            parameters = faiss.SearchParameters()
+        if selector is not None:
+            parameters.sel = selector
+        return parameters
 
     def add(self, item_embeddings: np.ndarray) -> None:
         """Append new items; they get the item indices right after the current last one."""
@@ -65,7 +242,9 @@ class ItemIndex:
 
     def extended(self, item_embeddings: np.ndarray) -> "ItemIndex":
         """A copy with new items appended; the original stays untouched, so searches running on it are safe."""
-        copy = ItemIndex(faiss.clone_index(self.faiss_index), normalize=self.normalize)
+        copy = ItemIndex(
+            faiss.clone_index(self.faiss_index), normalize=self.normalize, index_type=self.index_type, params=self.params
+        )
         copy.add(item_embeddings)
         return copy
 
@@ -91,9 +270,10 @@ class ItemIndex:
         """Top-k items per query as (scores float32 (B, k), 1-based item_indices int64 (B, k)), best first.
 
         `exclude[b]` holds item indices never to return for query b (its history). `allowed`, when given,
-        restricts every query to those item indices inside FAISS (an ID selector), so a narrow filter
-        needs no over-fetching. Missing slots (catalogue exhausted) are index 0 with score -inf, so
-        callers can treat them as misses.
+        restricts every query to those item indices inside FAISS (an ID selector), so a filter needs no
+        over-fetching; approximate indexes score a narrow `allowed` set (up to `EXACT_FILTER_MAX_ITEMS`)
+        exactly. Missing slots (catalogue exhausted) are index 0 with score -inf, so callers can treat them
+        as misses.
         """
         if int(k) != k or k <= 0:
             raise ValueError(f"k must be a positive integer; got {k!r}.")
@@ -111,20 +291,19 @@ class ItemIndex:
 
         out_scores = np.full((batch_size, k), -np.inf, dtype=np.float32)
         out_indices = np.full((batch_size, k), PADDING_INDEX, dtype=np.int64)
-        params = None
+        allowed_rows = None
         searchable = self.num_items
         if allowed is not None:
             allowed_rows = np.unique(np.asarray(allowed, dtype=np.int64)) - 1
             allowed_rows = allowed_rows[(allowed_rows >= 0) & (allowed_rows < self.num_items)]
             searchable = len(allowed_rows)
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed_rows))
         fetch_k = min(k + max_excluded, searchable)
         if batch_size == 0 or fetch_k == 0:
             return out_scores, out_indices
 
         if self.normalize:
             faiss.normalize_L2(queries)
-        candidate_scores, candidate_rows = self.faiss_index.search(queries, fetch_k, params=params)
+        candidate_scores, candidate_rows = self._search_rows(queries, k, fetch_k, allowed_rows)
         candidate_indices = candidate_rows.astype(np.int64) + 1  # FAISS pads with row -1, which becomes padding index 0
         keep = candidate_indices != PADDING_INDEX
         if exclude_arrays is not None:
@@ -140,6 +319,45 @@ class ItemIndex:
         out_indices[:, :width] = np.where(kept, np.take_along_axis(candidate_indices, order, axis=1), PADDING_INDEX)
         return out_scores, out_indices
 
+    def _search_rows(
+        self, queries: np.ndarray, k: int, fetch_k: int, allowed_rows: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The `fetch_k` best rows per (normalised) query; approximate results that come back short are searched again wider.
+
+        `fetch_k` is k plus the longest excluded history. The HNSW beam is max(efSearch, k), not fetch_k: the
+        beam decides which items are found, so over-fetching with the same beam returns the same top k after
+        exclusion as leaving the history out inside FAISS would (measured), and a longer history costs only a
+        longer result list.
+        """
+        if self.index_type != "flat" and allowed_rows is not None and len(allowed_rows) <= EXACT_FILTER_MAX_ITEMS:
+            return self._exact_rows(queries, fetch_k, allowed_rows)
+        selector = None if allowed_rows is None else faiss.IDSelectorBatch(allowed_rows)
+        scores, rows = self.faiss_index.search(queries, fetch_k, params=self._search_parameters(selector, k))
+        if self.index_type == "flat":
+            return scores, rows
+        widen = 2
+        short = (rows < 0).any(axis=1)
+        while short.any() and widen <= MAX_WIDENING:
+            scores[short], rows[short] = self.faiss_index.search(
+                queries[short], fetch_k, params=self._search_parameters(selector, k, widen)
+            )
+            short = (rows < 0).any(axis=1)
+            widen *= 2
+        if short.any():
+            logger.debug("%d queries came back short from the %s index; scoring them exactly", int(short.sum()), self.index_type)
+            every_row = np.arange(self.num_items, dtype=np.int64) if allowed_rows is None else allowed_rows
+            scores[short], rows[short] = self._exact_rows(queries[short], fetch_k, every_row)
+        return scores, rows
+
+    def _exact_rows(self, queries: np.ndarray, fetch_k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top `fetch_k` among the stored vectors of `rows` (fetch_k <= len(rows))."""
+        vectors = self.faiss_index.reconstruct_batch(rows)
+        scores = queries @ vectors.T
+        top = np.argpartition(-scores, fetch_k - 1, axis=1)[:, :fetch_k]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        return np.take_along_axis(top_scores, order, axis=1), rows[np.take_along_axis(top, order, axis=1)]
+
     def reconstruct_all(self) -> np.ndarray:
         """Stored (possibly normalised) vectors, row r = item index r+1; for checks and tests."""
         if self.num_items == 0:
@@ -151,16 +369,16 @@ class ItemIndex:
         path = Path(path)
         with atomic_write(path) as temporary:
             faiss.write_index(self.faiss_index, str(temporary))
-        write_json_atomic(
-            sidecar_path(path),
-            {
-                "format_version": FORMAT_VERSION,
-                "normalize": self.normalize,
-                "dim": self.dim,
-                "num_items": self.num_items,
-            },
-        )
-        logger.debug("Saved item index with %d items (dim %d) to %s", self.num_items, self.dim, path)
+        meta: dict[str, Any] = {
+            "format_version": FLAT_FORMAT_VERSION if self.index_type == "flat" else FORMAT_VERSION,
+            "normalize": self.normalize,
+            "dim": self.dim,
+            "num_items": self.num_items,
+        }
+        if self.index_type != "flat":
+            meta.update(index_type=self.index_type, params=self.params)
+        write_json_atomic(sidecar_path(path), meta)
+        logger.debug("Saved %r to %s", self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ItemIndex":
@@ -175,17 +393,27 @@ class ItemIndex:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             normalize = bool(meta["normalize"])
             version = int(meta["format_version"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            index_type = str(meta.get("index_type", "flat"))
+            params = dict(meta.get("params") or {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise ModelFolderError(f"Item index metadata {meta_path} is corrupt ({error}); re-save the index.") from error
-        if version != FORMAT_VERSION:
+        if version not in (FLAT_FORMAT_VERSION, FORMAT_VERSION):
             raise ModelFolderError(
-                f"Item index {path} has format version {version}; this llmrec reads version {FORMAT_VERSION}."
+                f"Item index {path} has format version {version}; this llmrec reads versions "
+                f"{FLAT_FORMAT_VERSION} and {FORMAT_VERSION}. Upgrade llmrec, or rebuild the index (`llmrec index MODEL --rebuild`)."
             )
         try:
             faiss_index = faiss.read_index(str(path))
         except Exception as error:  # FAISS reports corrupt files as RuntimeError with C++ details
             raise ModelFolderError(f"Item index file {path} is corrupt or unreadable: {error}") from error
-        item_index = cls(faiss_index, normalize=normalize)
+        try:
+            stored_type = _index_type_of(faiss_index)
+            if stored_type != index_type:
+                raise ValueError(f"the file holds a {stored_type} index but the metadata says {index_type}")
+            item_index = cls(faiss_index, normalize=normalize, index_type=index_type, params=params)
+            resolve_index_params(index_type, {name: value for name, value in params.items()})
+        except ValueError as error:
+            raise ModelFolderError(f"Item index {path} does not match {meta_path} ({error}); re-save the index.") from error
         if item_index.dim != meta.get("dim") or item_index.num_items != meta.get("num_items"):
             raise ModelFolderError(
                 f"Item index file {path} (dim {item_index.dim}, {item_index.num_items} items) does not match "
@@ -194,4 +422,5 @@ class ItemIndex:
         return item_index
 
     def __repr__(self) -> str:
-        return f"ItemIndex(num_items={self.num_items}, dim={self.dim}, normalize={self.normalize})"
+        params = "".join(f", {name}={value}" for name, value in self.params.items())
+        return f"ItemIndex({self.index_type}, num_items={self.num_items}, dim={self.dim}, normalize={self.normalize}{params})"
