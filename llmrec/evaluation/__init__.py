@@ -1,5 +1,6 @@
 """Full-ranking evaluation: ranks, HR/NDCG/MRR@K and baseline scorers."""
 
+from llmrec.evaluation.baselines import ItemKNN
 from llmrec.evaluation.evaluator import (
     ScoreFunction,
     evaluate_ranking,
@@ -10,6 +11,7 @@ from llmrec.evaluation.evaluator import (
 from llmrec.evaluation.metrics import ranking_metrics, target_ranks
 
 __all__ = [
+    "ItemKNN",
     "ScoreFunction",
     "evaluate_ranking",
     "history_exclude_mask",
