@@ -1,0 +1,403 @@
+"""Quality benchmark on MovieLens-100k: popularity, ItemKNN, ID-only, text-only and hybrid llmrec, one protocol.
+
+Every system is judged by `llmrec.evaluation.evaluate_ranking` on the split `eval_results.json` uses
+(leave-one-out by time, full ranking over the catalogue, history removed, ties against the target):
+
+- popularity: training interaction counts;
+- ItemKNN: item-item cosine of co-occurrence (`llmrec.evaluation.ItemKNN`); its neighbourhood size and
+  shrinkage are chosen on the valid users from a small grid, then it is scored once on test;
+- ID-only / text-only: llmrec with `model.use_text_embeddings: false` / `model.use_id_embeddings: false`,
+  retrieval only (`training.rerank_epochs 0`: the head is never trained, the FAISS top 100 is the ranking);
+- hybrid: the default config; its runs give two rows, retrieval and retrieval + rerank.
+
+The learned systems are trained through the real entry point, `scripts/finetune.py`, in a subprocess per
+seed, and read back from each run's `eval_results.json`. By default the subprocess runs a snapshot of the
+committed code (`git archive HEAD`), so edits made to the checkout while the benchmark runs cannot leak into
+half of the runs; the commit is recorded. Writes `bench/results/quality.json` and `bench/results/quality.md`.
+
+    python bench/quality.py                                  # everything, seeds 42 43 44 (over an hour on 2 cores)
+    python bench/quality.py --reuse                          # rebuild JSON and table from runs/bench-quality/
+    python bench/quality.py --quick                          # 1 epoch per stage, seed 42, into runs/bench-quality-quick/
+    python bench/quality.py --systems hybrid --seeds 42 --extra "--training.retrieval_epochs 5"
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from llmrec.config import load_config
+from llmrec.data import build_split, load_interaction_data
+from llmrec.evaluation import ItemKNN, evaluate_ranking, popularity_scores
+
+ROOT = Path(__file__).resolve().parent.parent
+LEARNED_SYSTEMS = {  # system -> finetune.py overrides; retrieval-only systems never train the head
+    "id-only": ["--model.use_text_embeddings", "false", "--training.rerank_epochs", "0"],
+    "text-only": ["--model.use_id_embeddings", "false", "--training.rerank_epochs", "0"],
+    "hybrid": [],
+}
+SYSTEMS = ["popularity", "itemknn", *LEARNED_SYSTEMS]
+ROWS = [  # (row label, system, stage of eval_results.json)
+    ("Most popular", "popularity", None),
+    ("ItemKNN (co-occurrence cosine)", "itemknn", None),
+    ("ID-only (SASRec-style) retrieval", "id-only", "retrieval"),
+    ("text-only retrieval", "text-only", "retrieval"),
+    ("hybrid retrieval", "hybrid", "retrieval"),
+    ("hybrid retrieval + rerank", "hybrid", "rerank"),
+]
+METRICS = ["hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20"]
+KNN_NEIGHBORS = [5, 10, 20, 50, 100, 200, 0]  # 0 = every item
+KNN_SHRINKAGE = [0.0, 5.0, 20.0, 100.0]
+QUICK_EXTRA = "--training.retrieval_epochs 1 --training.rerank_epochs 1"
+
+logger = logging.getLogger("bench.quality")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/ml100k.yaml", help="Relative to the repository root.")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="Training seeds (default 42 43 44; 42 with --quick).")
+    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument("--reuse", action="store_true", help="Train nothing: rebuild the JSON and table from existing runs.")
+    parser.add_argument("--skip-existing", action="store_true", help="Train only the runs without an eval_results.json.")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"Smoke test: `{QUICK_EXTRA}`, seed 42, everything under runs/bench-quality-quick/.")
+    parser.add_argument("--extra", default="", help="Overrides passed to every finetune.py call, e.g. \"--training.cpu_threads 1\".")
+    parser.add_argument("--code", choices=["snapshot", "checkout"], default="snapshot",
+                        help="Train with a `git archive HEAD` snapshot (default) or the working tree as it is.")
+    parser.add_argument("--work-dir", default=None, help="Model folders and logs (default runs/bench-quality).")
+    parser.add_argument("--output", default=None, help="JSON results (default bench/results/quality.json).")
+    parser.add_argument("--markdown", default=None, help="Markdown table (default bench/results/quality.md).")
+    parser.add_argument("--knn-neighbors", nargs="+", type=int, default=KNN_NEIGHBORS, help="Grid; 0 = every item.")
+    parser.add_argument("--knn-shrinkage", nargs="+", type=float, default=KNN_SHRINKAGE, help="Grid.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _fill_defaults(args)
+    started = time.perf_counter()
+
+    config = load_config(ROOT / args.config)
+    split = build_split(load_interaction_data(config.data), config.data)
+    results: dict[str, Any] = {"protocol": _protocol(split), "machine": _machine(), "systems": {}}
+
+    if "popularity" in args.systems:
+        results["systems"]["popularity"] = _popularity(split)
+    if "itemknn" in args.systems:
+        results["systems"]["itemknn"] = _itemknn(split, args.knn_neighbors, args.knn_shrinkage)
+
+    learned = [system for system in args.systems if system in LEARNED_SYSTEMS]
+    code_root = _code_root(args) if learned and not args.reuse else None
+    for system in learned:
+        runs = []
+        for seed in args.seeds:
+            run = _learned_run(system, seed, args, code_root)
+            if run is not None:
+                runs.append(run)
+        results["systems"][system] = {"runs": runs}
+        _check_popularity(results, runs)
+
+    results["rows"] = _rows(results)
+    results["run"] = {
+        "command": "python bench/quality.py " + " ".join(shlex.quote(argument) for argument in sys.argv[1:]),
+        "seeds": args.seeds,
+        "extra_overrides": args.extra,
+        "code": args.code,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    for path in (args.output, args.markdown):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.markdown).write_text(render_markdown(results))
+    logger.info("Wrote %s and %s.", args.output, args.markdown)
+    print(render_table(results))
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    """--quick points every default at a scratch folder, so a smoke test never overwrites bench/results."""
+    if args.quick:
+        args.extra = f"{QUICK_EXTRA} {args.extra}".strip()
+        scratch = ROOT / "runs" / "bench-quality-quick"
+        args.seeds = args.seeds or [42]
+        args.work_dir = args.work_dir or str(scratch)
+        args.output = args.output or str(scratch / "quality.json")
+        args.markdown = args.markdown or str(scratch / "quality.md")
+    args.seeds = args.seeds or [42, 43, 44]
+    args.work_dir = Path(args.work_dir or ROOT / "runs" / "bench-quality")
+    args.output = args.output or str(ROOT / "bench" / "results" / "quality.json")
+    args.markdown = args.markdown or str(ROOT / "bench" / "results" / "quality.md")
+
+
+# ----- baselines ---------------------------------------------------------------------------------------
+
+
+def _evaluate(score_function, examples, num_items: int, desc: str) -> dict[str, float]:
+    return evaluate_ranking(score_function, examples.histories, examples.targets, num_items, ks=[10, 20], desc=desc)
+
+
+def _popularity(split) -> dict:
+    fit_start = time.perf_counter()
+    scores = popularity_scores(split.item_popularity())
+    fit_seconds = time.perf_counter() - fit_start
+    return {
+        "valid": _evaluate(scores, split.valid, split.num_items, "valid popularity"),
+        "test": _evaluate(scores, split.test, split.num_items, "test popularity"),
+        "train_seconds": fit_seconds,
+    }
+
+
+def _itemknn(split, neighbor_grid: list[int], shrinkage_grid: list[float]) -> dict:
+    """Pick (neighbours, shrinkage) by valid NDCG@10, then score the pick once on test."""
+    grid = []
+    for num_neighbors in neighbor_grid:
+        for shrinkage in shrinkage_grid:
+            fit_start = time.perf_counter()
+            knn = ItemKNN(num_neighbors or None, shrinkage).fit(split.train_sequences, split.num_items)
+            fit_seconds = time.perf_counter() - fit_start
+            valid = _evaluate(knn, split.valid, split.num_items, f"valid {knn!r}")
+            grid.append({"num_neighbors": num_neighbors or None, "shrinkage": shrinkage, "valid": valid,
+                         "fit_seconds": fit_seconds})
+    best = max(grid, key=lambda entry: entry["valid"]["ndcg@10"])
+    knn = ItemKNN(best["num_neighbors"], best["shrinkage"]).fit(split.train_sequences, split.num_items)
+    logger.info("ItemKNN: chose %r on valid NDCG@10 %.4f.", knn, best["valid"]["ndcg@10"])
+    return {
+        "chosen": {"num_neighbors": best["num_neighbors"], "shrinkage": best["shrinkage"],
+                   "selected_on": "valid ndcg@10"},
+        "valid": best["valid"],
+        "test": _evaluate(knn, split.test, split.num_items, f"test {knn!r}"),
+        "train_seconds": best["fit_seconds"],
+        "grid": grid,
+    }
+
+
+# ----- learned systems ---------------------------------------------------------------------------------
+
+
+def _code_root(args: argparse.Namespace) -> Path:
+    """The code the training subprocesses import: a snapshot of HEAD, or the checkout itself."""
+    if args.code == "checkout":
+        return ROOT
+    commit = _git("rev-parse", "HEAD")
+    snapshot = args.work_dir / "code" / commit[:12]
+    if not (snapshot / "scripts" / "finetune.py").is_file():
+        snapshot.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(snapshot)], input=archive, check=True)
+    logger.info("Training with the code of commit %s (%s).", commit[:12], snapshot)
+    return snapshot
+
+
+def _learned_run(system: str, seed: int, args: argparse.Namespace, code_root: Optional[Path]) -> Optional[dict]:
+    """Train one (system, seed) through scripts/finetune.py unless told to reuse it; None if there is no result."""
+    run_dir = args.work_dir / f"{system}-seed{seed}"
+    record_path = args.work_dir / f"{system}-seed{seed}.bench.json"
+    overrides = ["--training.seed", str(seed), *shlex.split(args.extra), *LEARNED_SYSTEMS[system]]
+    results_path = run_dir / "eval_results.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    reusable = results_path.is_file() and (args.reuse or record.get("overrides") == overrides)
+    if args.reuse or (args.skip_existing and reusable):
+        if not reusable:
+            logger.warning("%s seed %d: no %s; left out.", system, seed, results_path)
+            return None
+        logger.info("%s seed %d: reusing %s.", system, seed, run_dir)
+    else:
+        record = _train(run_dir, overrides, args, code_root)
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        if record["returncode"] != 0:
+            logger.error("%s seed %d failed (exit %d); see %s.", system, seed, record["returncode"], record["log"])
+            return None
+    eval_results = json.loads(results_path.read_text())
+    if eval_results["config"]["training"]["seed"] != seed:
+        logger.warning("%s was trained with seed %s, not %d.", run_dir, eval_results["config"]["training"]["seed"], seed)
+    return {
+        "seed": seed,
+        "run_dir": str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir),
+        "valid": eval_results["valid"],
+        "test": eval_results["test"],
+        "best_valid_epochs": eval_results["best_valid_epochs"],
+        "timings": eval_results["timings"],
+        "num_processes": eval_results.get("num_processes"),
+        "cpu_threads": eval_results["config"]["training"]["cpu_threads"],
+        "early_stopping_patience": eval_results["config"]["training"]["early_stopping_patience"],
+        "subprocess": {key: record.get(key) for key in ("commit", "wall_seconds", "peak_rss_mb", "command", "started")},
+    }
+
+
+def _train(run_dir: Path, overrides: list[str], args: argparse.Namespace, code_root: Path) -> dict:
+    """Run finetune.py in a child process; its own rusage gives this run's peak RSS (not a running max)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    config_path = code_root / args.config if (code_root / args.config).is_file() else ROOT / args.config
+    command = [sys.executable, str(code_root / "scripts" / "finetune.py"), "--config", str(config_path),
+               "--output_dir", str(run_dir), *overrides]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code_root), os.environ.get("PYTHONPATH")]))}
+    log_path = run_dir.parent / f"{run_dir.name}.log"
+    logger.info("Training %s: %s (log %s).", run_dir.name, " ".join(shlex.quote(part) for part in command), log_path)
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    wall_seconds = time.perf_counter() - start
+    logger.info("%s: exit %d after %.1f min, peak RSS %.0f MB.", run_dir.name, child.returncode, wall_seconds / 60,
+                usage.ru_maxrss / 1024)
+    return {
+        "overrides": overrides,
+        "command": command,
+        "commit": _git("rev-parse", "HEAD") if code_root == ROOT else code_root.name,
+        "code_root": str(code_root),
+        "started": started_at,
+        "wall_seconds": round(wall_seconds, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
+        "returncode": child.returncode,
+        "log": str(log_path),
+    }
+
+
+def _check_popularity(results: dict, runs: list[dict]) -> None:
+    """The runs' own popularity rows must equal ours: the same split, whatever code trained them."""
+    ours = results["systems"].get("popularity", {}).get("test")
+    for run in runs:
+        theirs = run["test"]["popularity"]
+        if ours is not None and abs(theirs["ndcg@10"] - ours["ndcg@10"]) > 1e-9:
+            logger.warning("%s: popularity NDCG@10 %.6f differs from this split's %.6f; another split?",
+                           run["run_dir"], theirs["ndcg@10"], ours["ndcg@10"])
+
+
+# ----- aggregation and tables --------------------------------------------------------------------------
+
+
+def _train_seconds(run: dict, stage: str) -> float:
+    """Wall time to a usable model for this row: data, catalogue encoding, stage 1, and stage 2 for rerank."""
+    timings = run["timings"]
+    seconds = timings["data_seconds"] + timings["item_encoding_seconds"] + timings["retrieval_training_seconds"]
+    return seconds + (timings.get("rerank_training_seconds", 0.0) if stage == "rerank" else 0.0)
+
+
+def _summary(values: list[Optional[float]]) -> dict:
+    values = [value for value in values if value is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def _rows(results: dict) -> list[dict]:
+    """One entry per table row: per-seed values and mean / sample std over seeds (a single value for baselines)."""
+    rows = []
+    for label, system, stage in ROWS:
+        entry = results["systems"].get(system)
+        if entry is None:
+            continue
+        if stage is None:
+            per_seed = [{"seed": None, "test": entry["test"], "valid": entry["valid"],
+                         "train_seconds": entry["train_seconds"], "peak_rss_mb": None}]
+        else:
+            per_seed = [{"seed": run["seed"], "test": run["test"][stage], "valid": run["valid"][stage],
+                         "train_seconds": _train_seconds(run, stage), "peak_rss_mb": run["subprocess"]["peak_rss_mb"],
+                         "best_valid_epoch": run["best_valid_epochs"][stage]} for run in entry["runs"]]
+        if not per_seed:
+            continue
+        summary = {f"test {metric}": _summary([seed["test"][metric] for seed in per_seed]) for metric in METRICS}
+        summary.update({f"valid {metric}": _summary([seed["valid"][metric] for seed in per_seed]) for metric in METRICS})
+        summary["train_seconds"] = _summary([seed["train_seconds"] for seed in per_seed])
+        summary["peak_rss_mb"] = _summary([seed["peak_rss_mb"] for seed in per_seed])
+        rows.append({"label": label, "system": system, "stage": stage, "per_seed": per_seed, "summary": summary})
+    return rows
+
+
+def _cell(summary: dict, digits: int = 4) -> str:
+    if summary["n"] == 0:
+        return "–"
+    if summary["n"] == 1:
+        return f"{summary['mean']:.{digits}f}"
+    return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+
+
+def render_table(results: dict) -> str:
+    header = ["system (test)", "HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "valid NDCG@10", "seeds",
+              "train time (s)", "peak RSS (MB)"]
+    lines = ["| " + " | ".join(header) + " |", "| --- " * len(header) + "|"]
+    for row in results["rows"]:
+        summary = row["summary"]
+        seconds = summary["train_seconds"]
+        cells = [row["label"], *(_cell(summary[f"test {metric}"]) for metric in METRICS), _cell(summary["valid ndcg@10"]),
+                 str(len(row["per_seed"])) if row["stage"] else "–",
+                 _cell(seconds, 0) if seconds["mean"] >= 10 else _cell(seconds, 2), _cell(summary["peak_rss_mb"], 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(results: dict) -> str:
+    machine, run = results["machine"], results["run"]
+    knn = results["systems"].get("itemknn", {}).get("chosen")
+    commits = sorted({seed_run["subprocess"]["commit"] or "unknown" for system in LEARNED_SYSTEMS
+                      for seed_run in results["systems"].get(system, {}).get("runs", [])})
+    notes = [
+        f"MovieLens-100k, leave-one-out by time, full ranking over {results['protocol']['num_items']:,} items with "
+        f"each user's history removed, {results['protocol']['test_users']} test users. Learned systems: mean ± "
+        f"sample std over seeds {', '.join(map(str, run['seeds']))}; popularity and ItemKNN are deterministic.",
+        "Train time: data + catalogue encoding + stage 1 (+ stage 2 for rerank) from each run's `eval_results.json`; "
+        "peak RSS of the training process. Hybrid retrieval and retrieval + rerank are the same runs.",
+    ]
+    if knn:
+        neighbors = knn["num_neighbors"] or "all"
+        notes.append(f"ItemKNN: {neighbors} neighbours, shrinkage {knn['shrinkage']:g}, chosen on valid NDCG@10.")
+    if run["extra_overrides"]:
+        notes.append(f"Extra overrides on every training run: `{run['extra_overrides']}`.")
+    notes.append(f"{machine['cpu_model']}, {machine['cpu_cores']} cores, torch {machine['torch']}, "
+                 f"Python {machine['python']}; code {', '.join(commits) or '–'}; finished {run['finished']}; "
+                 f"`{run['command']}`.")
+    return "# Quality on MovieLens-100k\n\n" + render_table(results) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+# ----- context -----------------------------------------------------------------------------------------
+
+
+def _protocol(split) -> dict:
+    return {
+        "data": "MovieLens-100k (RecBole copy), every interaction a positive",
+        "split": "leave_one_out by timestamp (ties in file order); valid = second last, test = last interaction",
+        "num_items": split.num_items,
+        "valid_users": len(split.valid),
+        "test_users": len(split.test),
+        "training_interactions": int(sum(map(len, split.train_sequences))),
+        "ranking": "full catalogue, history removed, ties against the target (llmrec.evaluation.evaluate_ranking)",
+    }
+
+
+def _machine() -> dict:
+    cpu_model = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu_model = names[0] if names else cpu_model
+    return {
+        "cpu_model": cpu_model,
+        "cpu_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def _git(*arguments: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *arguments], check=True, capture_output=True, text=True).stdout.strip()
+
+
+if __name__ == "__main__":
+    main()
