@@ -59,7 +59,7 @@ ROWS = [  # (row label, system, stage of eval_results.json)
     ("hybrid retrieval + rerank", "hybrid", "rerank"),
 ]
 METRICS = ["hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20"]
-KNN_NEIGHBORS = [5, 10, 20, 50, 100, 200, 0]  # 0 = every item
+KNN_NEIGHBORS = [2, 5, 10, 20, 50, 100, 200, 0]  # 0 = every item
 KNN_SHRINKAGE = [0.0, 5.0, 20.0, 100.0]
 QUICK_EXTRA = "--training.retrieval_epochs 1 --training.rerank_epochs 1"
 
@@ -231,7 +231,8 @@ def _learned_run(system: str, seed: int, args: argparse.Namespace, code_root: Op
         "num_processes": eval_results.get("num_processes"),
         "cpu_threads": eval_results["config"]["training"]["cpu_threads"],
         "early_stopping_patience": eval_results["config"]["training"]["early_stopping_patience"],
-        "subprocess": {key: record.get(key) for key in ("commit", "wall_seconds", "peak_rss_mb", "command", "started")},
+        "subprocess": {key: record.get(key) for key in ("commit", "wall_seconds", "cpu_seconds", "load_average_1min",
+                                                           "peak_rss_mb", "command", "started")},
     }
 
 
@@ -245,14 +246,17 @@ def _train(run_dir: Path, overrides: list[str], args: argparse.Namespace, code_r
     log_path = run_dir.parent / f"{run_dir.name}.log"
     logger.info("Training %s: %s (log %s).", run_dir.name, " ".join(shlex.quote(part) for part in command), log_path)
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    load_before = os.getloadavg()
     start = time.perf_counter()
     with open(log_path, "w") as log:
         child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     wall_seconds = time.perf_counter() - start
-    logger.info("%s: exit %d after %.1f min, peak RSS %.0f MB.", run_dir.name, child.returncode, wall_seconds / 60,
-                usage.ru_maxrss / 1024)
+    # Wall time grows with whatever else runs on the machine; CPU time much less, so both are kept.
+    cpu_seconds = usage.ru_utime + usage.ru_stime
+    logger.info("%s: exit %d after %.1f min (%.1f CPU min), peak RSS %.0f MB, load average %.1f.", run_dir.name,
+                child.returncode, wall_seconds / 60, cpu_seconds / 60, usage.ru_maxrss / 1024, os.getloadavg()[1])
     return {
         "overrides": overrides,
         "command": command,
@@ -260,6 +264,8 @@ def _train(run_dir: Path, overrides: list[str], args: argparse.Namespace, code_r
         "code_root": str(code_root),
         "started": started_at,
         "wall_seconds": round(wall_seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
         "returncode": child.returncode,
         "log": str(log_path),
