@@ -162,6 +162,11 @@ class ModelSettings:
     max_text_length: int = 64
     hidden_size: int = field(default=64, metadata={"help": "Size of user/item embeddings after projection."})
     max_history_length: int = field(default=200, metadata={"help": "Most recent history items the model reads."})
+    history_summary: bool = field(
+        default=False,
+        metadata={"help": "Also read history items older than max_history_length, pooled into one learned summary "
+                  "token (cost linear in their number); false = only the most recent max_history_length count."},
+    )
     user_num_layers: int = 2
     user_num_heads: int = 2
     rerank_num_heads: int = 2
@@ -211,7 +216,16 @@ class TrainingSettings:
         metadata={"help": "PyTorch CPU threads per process; None = CPU cores / local processes "
                   "(accelerate launch would otherwise pin 1)."},
     )
-    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (passed to Accelerate)."})
+    mixed_precision: str = field(
+        default="no",
+        metadata={"help": "no | bf16 | fp16, passed to Accelerate (autocast in training); bf16 also encodes the "
+                  "catalogue under bf16 autocast. bf16 suits GPUs and CPUs with AVX512-BF16/AMX."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations of the user encoder (and of a LoRA-tuned BERT) in the backward "
+                  "pass: less memory for longer histories or bigger batches, ~30 % more compute."},
+    )
     gradient_accumulation_steps: int = 1
     checkpoint_every_steps: int = field(default=0, metadata={"help": "Save Accelerate state every N steps; 0 = off."})
     eval_every_epochs: int = 1

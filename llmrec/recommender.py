@@ -20,8 +20,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import InvalidRequestError, LlmRecError, ModelFolderError, UnknownItemError
 from .hub import EVAL_RESULTS_FILE, MODEL_CARD_FILE, TRAINING_CONFIG_FILE, push_to_hub, read_run_metadata, render_model_card
-from .modeling import MODEL_FORMAT_VERSION, LlmRecModel, pad_histories
+from .modeling import MODEL_FORMAT_VERSION, LlmRecModel, split_histories
 from .modeling.modeling_llmrec import ENCODER_ADAPTER_FOLDER
+from .modeling.precision import check_precision, check_quantize, quantize_int8
 from .modeling.text_encoding import embed_item_texts
 from .retrieval import CandidatePipeline, ItemIndex, build_item_index
 from .utils.io import atomic_write, restore_interrupted_replace, write_json_atomic
@@ -43,6 +44,11 @@ ItemFilter = Union[Callable[[str], bool], Iterable[str]]
 class Recommender:
     """Recommend, rerank and explain with raw item ids (strings), best first.
 
+    Serving reads cached item representations and reranker projections (`CandidatePipeline`); BERT runs
+    only for text: items added with `add_items` and user profiles. `precision="bf16"` runs that text
+    encoding under bf16 autocast (GPU, or a CPU with bf16 instructions); `quantize="int8"` (CPU) makes
+    the encoder and the reranking head's MLPs dynamic int8 (`llmrec.modeling.precision`).
+
     Thread safety: `recommend`, `rerank`, `explain` and their batch forms only read, under
     `torch.inference_mode`, so one instance can serve many threads. `add_items` builds the grown index
     and caches aside and swaps them in, so it may run while other threads read; two `add_items` calls
@@ -59,6 +65,8 @@ class Recommender:
         index: Optional[ItemIndex] = None,
         eval_results: Optional[dict[str, Any]] = None,
         training_config: Optional[dict[str, Any]] = None,
+        precision: str = "fp32",
+        quantize: Optional[str] = None,
     ) -> None:
         if not (len(item_ids) == len(item_texts) == len(item_popularity) == model.config.num_items):
             raise ModelFolderError(
@@ -86,7 +94,15 @@ class Recommender:
             )
         self.eval_results = eval_results
         self.training_config = training_config
+        self.precision = check_precision(precision)
+        self.quantize = check_quantize(quantize, self.model.item_text_embeddings.device)
         self.pipeline = CandidatePipeline(model, index, num_candidates=model.config.num_candidates)
+        if self.quantize == "int8":
+            # After the serving cache is built, so cached catalogue rows stay exact; the head's attention
+            # projections are cached, so only its per-request MLPs are worth quantising.
+            quantize_int8(self.model.item_encoder)
+            quantize_int8(self.model.reranker.feed_forward)
+            quantize_int8(self.model.reranker.scorer)
         self._write_lock = threading.Lock()
 
     @property
@@ -102,8 +118,13 @@ class Recommender:
         device: Union[str, torch.device] = "cpu",
         revision: Optional[str] = None,
         token: Optional[str] = None,
+        precision: str = "fp32",
+        quantize: Optional[str] = None,
     ) -> "Recommender":
         """Load a folder written by `save_pretrained`, or a Hub model repo holding one.
+
+        `precision` ("fp32" or "bf16") and `quantize` (None or "int8", CPU only) trade accuracy for
+        speed in serving; see the class docstring. A quantised recommender cannot be saved again.
 
         Only safetensors, Parquet, JSON and FAISS files are read: no pickle, no remote code. Every
         problem with the folder raises `ModelFolderError` naming the file and what to do.
@@ -145,6 +166,8 @@ class Recommender:
             index=ItemIndex.load(folder / INDEX_FILE),
             eval_results=eval_results,
             training_config=training_config,
+            precision=precision,
+            quantize=quantize,
         )
 
     @staticmethod
@@ -205,6 +228,11 @@ class Recommender:
         """
         from . import __version__
 
+        if self.quantize is not None:
+            raise InvalidRequestError(
+                f"This recommender was loaded with quantize={self.quantize!r} for serving; its int8 weights are not "
+                "saved. Load the folder without quantize to save or push it."
+            )
         save_directory = Path(save_directory).expanduser().resolve()
         if save_directory.exists() and not save_directory.is_dir():
             raise ModelFolderError(f"{save_directory} is a file; save the model to a folder (new or existing).")
@@ -286,12 +314,11 @@ class Recommender:
         if not item_ids:
             return
         with self._write_lock:
-            text_embeddings = embed_item_texts(self.model, self.tokenizer, item_texts, batch_size)
+            text_embeddings = embed_item_texts(self.model, self.tokenizer, item_texts, batch_size, self.precision)
             start = self.num_items + 1
             # Readers see the new ids only once everything they point to exists.
             self.model.add_items(text_embeddings)
-            self.pipeline.refresh()
-            new_vectors = self.pipeline.item_embeddings[start:].float().cpu().numpy()
+            new_vectors = self.pipeline.add_items(len(item_ids))
             self.pipeline.index = self.pipeline.index.extended(new_vectors)
             self.item_texts = self.item_texts + item_texts
             self.item_popularity = np.concatenate([self.item_popularity, np.zeros(len(item_ids))])
@@ -427,10 +454,10 @@ class Recommender:
         if all(profile is None for profile in profiles):
             return self.pipeline.user_embeddings(histories)
         texts = [profile if profile is not None else "" for profile in profiles]
-        profile_embeddings = embed_item_texts(self.model, self.tokenizer, texts)
+        profile_embeddings = embed_item_texts(self.model, self.tokenizer, texts, precision=self.precision)
         has_profile = torch.tensor([profile is not None for profile in profiles], device=profile_embeddings.device)
-        padded = pad_histories(histories, self.model.config.max_history_length, self.pipeline.device)
-        return self.model.encode_users(padded, self.pipeline.item_embeddings, profile_embeddings, has_profile)[:, -1]
+        window, older = split_histories(histories, self.model.config.max_history_length, self.pipeline.device)
+        return self.model.encode_users(window, self.pipeline.item_embeddings, profile_embeddings, has_profile, older)[:, -1]
 
     def rerank(self, history: Sequence[str], candidates: Sequence[str]) -> RankedItems:
         """Score the given candidates for one history with the cross-attention head, best first."""

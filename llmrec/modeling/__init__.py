@@ -1,7 +1,16 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_llmrec import MODEL_FORMAT_VERSION, LlmRecConfig
-from .modeling_llmrec import IGNORE_INDEX, CrossAttentionReranker, LlmRecModel, LlmRecOutput, UserEncoder, pad_histories
+from .modeling_llmrec import (
+    IGNORE_INDEX,
+    CrossAttentionReranker,
+    LlmRecModel,
+    LlmRecOutput,
+    RerankCache,
+    UserEncoder,
+    pad_histories,
+    split_histories,
+)
 
 # Registered so Auto classes (AutoTokenizer reading config.json, AutoModel) know the "llmrec" model type.
 AutoConfig.register("llmrec", LlmRecConfig, exist_ok=True)
@@ -14,6 +23,8 @@ __all__ = [
     "LlmRecConfig",
     "LlmRecModel",
     "LlmRecOutput",
+    "RerankCache",
     "UserEncoder",
     "pad_histories",
+    "split_histories",
 ]

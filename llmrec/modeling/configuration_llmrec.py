@@ -22,6 +22,9 @@ class LlmRecConfig(PretrainedConfig):
     `use_text_embeddings` / `use_id_embeddings` pick the item representation: hybrid (both, the default),
     text-only or ID-only. `use_user_profiles` adds a projection for free-text user profiles. Both new flags
     default to the layout of models saved before they existed, so those folders load unchanged.
+
+    Histories longer than `max_history_length` keep their most recent items; with `history_summary` the
+    older ones are also read, pooled into one learned summary token (see `UserEncoder`).
     """
 
     model_type = "llmrec"
@@ -35,6 +38,7 @@ class LlmRecConfig(PretrainedConfig):
         num_items: int = 0,
         hidden_size: int = 64,
         max_history_length: int = 200,
+        history_summary: bool = False,
         user_num_layers: int = 2,
         user_num_heads: int = 2,
         rerank_num_heads: int = 2,
@@ -70,6 +74,7 @@ class LlmRecConfig(PretrainedConfig):
         self.num_items = num_items
         self.hidden_size = hidden_size
         self.max_history_length = max_history_length
+        self.history_summary = history_summary
         self.user_num_layers = user_num_layers
         self.user_num_heads = user_num_heads
         self.rerank_num_heads = rerank_num_heads

@@ -50,6 +50,25 @@ def pad_histories(histories: Sequence[Sequence[int]], max_length: int, device: O
     return padded if device is None else padded.to(device)
 
 
+def split_histories(
+    histories: Sequence[Sequence[int]], max_length: int, device: Optional[torch.device] = None
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The window (`pad_histories`) and, when some history is longer, the older items before it (B, M), 0-padded.
+
+    The older part is None when every history fits the window, so the common case builds nothing extra.
+    """
+    window = pad_histories(histories, max_length, device)
+    older = [list(history)[: max(0, len(history) - max_length)] for history in histories]
+    longest = max((len(items) for items in older), default=0)
+    if longest == 0:
+        return window, None
+    padded = torch.zeros(len(histories), longest, dtype=torch.long)
+    for row, items in enumerate(older):
+        if items:
+            padded[row, : len(items)] = torch.as_tensor(items, dtype=torch.long)
+    return window, padded if device is None else padded.to(device)
+
+
 def _attention_mask_without_empty_rows(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A query whose keys are all masked makes softmax return NaN, and 0 x NaN leaks through later layers.
 
@@ -59,11 +78,38 @@ def _attention_mask_without_empty_rows(allowed: torch.Tensor) -> tuple[torch.Ten
     return allowed | empty_rows, empty_rows
 
 
-class MultiHeadAttention(nn.Module):
-    """Multi-head attention through `scaled_dot_product_attention` (fused kernels), with weights on request."""
+def plain_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: Optional[torch.Tensor],
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(QK^T / sqrt(d)) V written out, returning the weights too (for `explain` and as the reference kernel)."""
+    logits = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
+    if is_causal:
+        causal = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device).tril()
+        allowed = causal if allowed is None else allowed & causal
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    weights = logits.softmax(dim=-1)
+    return F.dropout(weights, dropout_p) @ value if dropout_p > 0 else weights @ value, weights
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention through `scaled_dot_product_attention`, with weights on request.
+
+    The mask is dropped when it masks nothing, and a purely causal mask becomes `is_causal=True`, so
+    PyTorch may pick its fused (flash / memory-efficient) kernels; an explicit boolean mask rules flash out.
+    `config._attn_implementation == "eager"` selects `plain_attention` instead (the reference the
+    benchmarks compare against); `output_attentions=True` always uses it, since fused kernels return no weights.
+    """
+
+    def __init__(self, config: LlmRecConfig, num_heads: int, dropout: float) -> None:
         super().__init__()
+        hidden_size = config.hidden_size
+        self.config = config
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.query = nn.Linear(hidden_size, hidden_size)
@@ -80,25 +126,41 @@ class MultiHeadAttention(nn.Module):
         self,
         queries: torch.Tensor,
         keys: torch.Tensor,
-        allowed: torch.Tensor,
+        allowed: Optional[torch.Tensor],
         output_attentions: bool = False,
+        is_causal: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """`allowed` is a boolean mask broadcastable to (B, heads, Q, K); True = may attend."""
-        query = self._split_heads(self.query(queries))
-        key = self._split_heads(self.key(keys))
-        value = self._split_heads(self.value(keys))
-        allowed, empty_rows = _attention_mask_without_empty_rows(allowed)
-        if output_attentions:
-            logits = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)
-            weights = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-            weights = weights.masked_fill(empty_rows, 0.0)
-            attended = weights @ value
+        """`allowed` is a boolean mask broadcastable to (B, heads, Q, K), True = may attend, or None (all)."""
+        return self.attend(self.query(queries), self.key(keys), self.value(keys), allowed, output_attentions, is_causal)
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        allowed: Optional[torch.Tensor],
+        output_attentions: bool = False,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Attention over already projected (B, L, hidden) inputs, e.g. the reranker's cached item projections."""
+        query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
+        empty_rows = None
+        if allowed is not None:
+            allowed, empty_rows = _attention_mask_without_empty_rows(allowed)
+        if output_attentions or self.config._attn_implementation == "eager":
+            dropout_p = self.dropout if self.training else 0.0
+            attended, weights = plain_attention(query, key, value, allowed, is_causal, dropout_p)
+            if empty_rows is not None:
+                weights = weights.masked_fill(empty_rows, 0.0)
+            weights = weights if output_attentions else None
         else:
             weights = None
             attended = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+                query, key, value, attn_mask=allowed, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
             )
-        attended = attended.masked_fill(empty_rows, 0.0)
+        if empty_rows is not None:
+            attended = attended.masked_fill(empty_rows, 0.0)
         batch, _, length, _ = attended.shape
         attended = attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.output(attended), weights
@@ -107,19 +169,23 @@ class MultiHeadAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm self-attention block (as in SASRec), whose training is stable without warm-up."""
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+    def __init__(self, config: LlmRecConfig) -> None:
         super().__init__()
+        hidden_size = config.hidden_size
         self.attention_norm = nn.LayerNorm(hidden_size)
-        self.attention = MultiHeadAttention(hidden_size, num_heads, dropout)
+        self.attention = MultiHeadAttention(config, config.user_num_heads, config.dropout)
         self.feed_forward_norm = nn.LayerNorm(hidden_size)
         self.feed_forward = nn.Sequential(
-            nn.Linear(hidden_size, 4 * hidden_size), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * hidden_size, hidden_size)
+            nn.Linear(hidden_size, 4 * hidden_size),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(4 * hidden_size, hidden_size),
         )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, states: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, allowed: Optional[torch.Tensor], is_causal: bool = False) -> torch.Tensor:
         normed = self.attention_norm(states)
-        attended, _ = self.attention(normed, normed, allowed)
+        attended, _ = self.attention(normed, normed, allowed, is_causal=is_causal)
         states = states + self.dropout(attended)
         return states + self.dropout(self.feed_forward(self.feed_forward_norm(states)))
 
@@ -130,10 +196,16 @@ class UserEncoder(nn.Module):
     Training reads every slot at once (each predicts the next item), so one pass over a whole history
     replaces the prefix expansion that makes RecBole's SASRec slow.
 
-    An optional profile token (a projected free-text user profile) is put before the history: every slot
-    may attend to it, so it conditions the whole sequence. It has no position embedding (it is not an
-    event in time) and its output slot is dropped, so the states still line up with the history slots;
-    for a user with a profile and an empty history, the last slot is the profile token's state.
+    Leading tokens may be put before the history; every slot may attend to them, so they condition the
+    whole sequence. They have no position embedding (they are not events in time) and their output slots
+    are dropped, so the states still line up with the history slots. Two kinds exist:
+
+    - a projected free-text user profile (`use_user_profiles`); for a user with a profile and an empty
+      history, the last slot is the profile token's state;
+    - with `history_summary`, a summary of the history older than the window: the mean of those items'
+      representations through a learned projection. Self-attention stays within the most recent
+      `max_history_length` items plus one token, so a history of any length costs the window's quadratic
+      attention plus one pass over the older items (linear), and the older items still count.
     """
 
     def __init__(self, config: LlmRecConfig) -> None:
@@ -142,45 +214,76 @@ class UserEncoder(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_history_length, config.hidden_size)
         self.input_norm = nn.LayerNorm(config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(config.hidden_size, config.user_num_heads, config.dropout) for _ in range(config.user_num_layers)
-        )
+        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.user_num_layers))
         self.output_norm = nn.LayerNorm(config.hidden_size)
+        self.summary_projection = nn.Linear(config.hidden_size, config.hidden_size) if config.history_summary else None
+        self.gradient_checkpointing = False
 
     def forward(
         self,
         history_embeddings: torch.Tensor,
         history_mask: torch.Tensor,
-        profile_embeddings: Optional[torch.Tensor] = None,
-        profile_mask: Optional[torch.Tensor] = None,
+        leading_embeddings: Optional[torch.Tensor] = None,
+        leading_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """(B, L, hidden) states; `profile_embeddings` (B, hidden) with `profile_mask` (B,) adds a leading profile token."""
+        """(B, L, hidden) states; `leading_embeddings` (B, P, hidden) with `leading_mask` (B, P) are leading tokens."""
         length = history_embeddings.shape[1]
         # Positions count from the end of a full window, as if every history were padded to max length,
         # so the most recent item has the same position in training and serving.
         positions = torch.arange(length, device=history_embeddings.device) + (self.max_history_length - length)
         states = self.input_norm(history_embeddings + self.position_embeddings(positions))
-        profile_only = None
-        if profile_embeddings is not None:
-            if profile_mask is None:
-                profile_mask = torch.ones(len(states), dtype=torch.bool, device=states.device)
-            profile_only = profile_mask & ~history_mask.any(dim=1)
-            states = torch.cat([self.input_norm(profile_embeddings).unsqueeze(1), states], dim=1)
-            history_mask = torch.cat([profile_mask.unsqueeze(1), history_mask], dim=1)
+        leading_only = None
+        if leading_embeddings is not None:
+            leading_only = leading_mask.any(dim=1) & ~history_mask.any(dim=1)
+            states = torch.cat([self.input_norm(leading_embeddings), states], dim=1)
+            history_mask = torch.cat([leading_mask, history_mask], dim=1)
         states = self.dropout(states)
-        total = states.shape[1]
-        causal = torch.ones(total, total, dtype=torch.bool, device=states.device).tril()
-        allowed = (causal & history_mask[:, None, :])[:, None]  # (B, 1, L, L)
+        if bool(history_mask.all()):
+            allowed, is_causal = None, True  # no padding: the fused kernels' own causal mask suffices
+        else:
+            total = states.shape[1]
+            causal = torch.ones(total, total, dtype=torch.bool, device=states.device).tril()
+            allowed, is_causal = (causal & history_mask[:, None, :])[:, None], False  # (B, 1, L, L)
         for block in self.blocks:
-            states = block(states, allowed)
+            if self.gradient_checkpointing and self.training:
+                states = self._gradient_checkpointing_func(block.__call__, states, allowed, is_causal)
+            else:
+                states = block(states, allowed, is_causal)
         states = self.output_norm(states)
-        if profile_only is None:
+        if leading_only is None:
             return states
-        # With no history the profile is the user's last real token: read the user there, not at a
-        # padding slot whose own (untrained) residual stream would swamp the profile.
-        history_states = states[:, total - length:]
-        last = torch.where(profile_only.unsqueeze(-1), states[:, 0], history_states[:, -1])
+        history_states = states[:, states.shape[1] - length :]
+        # With no history, the last leading token is the user's last real token: read the user there, not
+        # at a padding slot whose own (untrained) residual stream would swamp it.
+        last_leading = leading_mask.shape[1] - 1 - leading_mask.flip(1).int().argmax(dim=1)
+        leading_state = states[torch.arange(len(states), device=states.device), last_leading]
+        last = torch.where(leading_only.unsqueeze(-1), leading_state, history_states[:, -1])
         return torch.cat([history_states[:, :-1], last.unsqueeze(1)], dim=1)
+
+
+@dataclass
+class RerankCache:
+    """The reranking head's per-item projections, computed once per catalogue (`CrossAttentionReranker.project_items`).
+
+    A candidate's query and a history item's key and value depend on the item alone, so serving gathers
+    rows instead of running three projections per request; recency terms are per position and added after.
+    """
+
+    item_queries: torch.Tensor  # (num_items + 1, hidden), query bias included
+    item_keys: torch.Tensor  # (num_items + 1, hidden), without bias
+    item_values: torch.Tensor  # (num_items + 1, hidden), without bias
+    recency_keys: torch.Tensor  # (max_history_length, hidden), key bias included
+    recency_values: torch.Tensor  # (max_history_length, hidden), value bias included
+
+    def extended(self, other: "RerankCache") -> "RerankCache":
+        """This cache followed by `other`'s item rows (items added to the catalogue); recency terms are shared."""
+        return RerankCache(
+            torch.cat([self.item_queries, other.item_queries]),
+            torch.cat([self.item_keys, other.item_keys]),
+            torch.cat([self.item_values, other.item_values]),
+            self.recency_keys,
+            self.recency_values,
+        )
 
 
 class CrossAttentionReranker(nn.Module):
@@ -188,33 +291,57 @@ class CrossAttentionReranker(nn.Module):
 
     The score is added to the retriever's own score with a learned weight, so the head learns a correction
     and starts no worse than retrieval; its attention weights say which history items drove a score.
+    All candidates of all users in a batch are scored in one call; the cost is linear in the history length.
     """
 
     def __init__(self, config: LlmRecConfig) -> None:
         super().__init__()
         hidden = config.hidden_size
         self.recency_embeddings = nn.Embedding(config.max_history_length, hidden)
-        self.attention = MultiHeadAttention(hidden, config.rerank_num_heads, dropout=0.0)
+        self.attention = MultiHeadAttention(config, config.rerank_num_heads, dropout=0.0)
         self.attention_norm = nn.LayerNorm(hidden)
         self.feed_forward = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(2 * hidden, hidden))
         self.feed_forward_norm = nn.LayerNorm(hidden)
         self.scorer = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
         self.retrieval_weight = nn.Parameter(torch.ones(()))
 
+    def project_items(self, item_embeddings: torch.Tensor) -> RerankCache:
+        """Per-item query/key/value projections of `item_embeddings` (rows = item indices), for serving."""
+        attention = self.attention
+        recency = self.recency_embeddings.weight
+        return RerankCache(
+            item_queries=attention.query(item_embeddings),
+            item_keys=F.linear(item_embeddings, attention.key.weight),
+            item_values=F.linear(item_embeddings, attention.value.weight),
+            recency_keys=attention.key(recency),
+            recency_values=attention.value(recency),
+        )
+
     def forward(
         self,
-        candidate_embeddings: torch.Tensor,
-        history_embeddings: torch.Tensor,
-        history_mask: torch.Tensor,
+        candidate_item_indices: torch.Tensor,
+        history_item_indices: torch.Tensor,
+        item_embeddings: torch.Tensor,
         user_embeddings: torch.Tensor,
         retrieval_scores: torch.Tensor,
         output_attentions: bool = False,
+        cache: Optional[RerankCache] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        length = history_embeddings.shape[1]
-        recency = torch.arange(length - 1, -1, -1, device=history_embeddings.device).clamp(max=self.recency_embeddings.num_embeddings - 1)
-        keys = history_embeddings + self.recency_embeddings(recency)
-        allowed = history_mask[:, None, None, :]  # (B, 1, 1, L): every candidate sees the whole history
-        attended, weights = self.attention(candidate_embeddings, keys, allowed, output_attentions)
+        """Scores (B, C) of candidate item indices for left-padded histories (B, L); `cache` skips the projections."""
+        length = history_item_indices.shape[1]
+        recency = torch.arange(length - 1, -1, -1, device=history_item_indices.device).clamp(max=self.recency_embeddings.num_embeddings - 1)
+        candidate_embeddings = item_embeddings[candidate_item_indices]
+        if cache is None:
+            keys = item_embeddings[history_item_indices] + self.recency_embeddings(recency)
+            query, key, value = self.attention.query(candidate_embeddings), self.attention.key(keys), self.attention.value(keys)
+        else:
+            query = cache.item_queries[candidate_item_indices]
+            key = cache.item_keys[history_item_indices] + cache.recency_keys[recency]
+            value = cache.item_values[history_item_indices] + cache.recency_values[recency]
+        history_mask = history_item_indices > 0
+        # Every candidate sees the whole history; a history without padding needs no mask at all.
+        allowed = None if bool(history_mask.all()) else history_mask[:, None, None, :]
+        attended, weights = self.attention.attend(query, key, value, allowed, output_attentions)
         states = self.attention_norm(candidate_embeddings + attended)
         states = self.feed_forward_norm(states + self.feed_forward(states))
         features = torch.cat(
@@ -252,6 +379,7 @@ class LlmRecPreTrainedModel(PreTrainedModel):
     base_model_prefix = "llmrec"
     main_input_name = "history_item_indices"
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -444,23 +572,36 @@ class LlmRecModel(LlmRecPreTrainedModel):
         self.profile_projection = projection
         self.config.use_user_profiles = True
 
-    def item_embeddings(self, item_text_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Representations of the whole catalogue, (num_items + 1, hidden); row 0 stays zero."""
+    def item_embeddings(
+        self, text_embeddings: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Representations of the whole catalogue, (num_items + 1, hidden), or of the item indices `rows` only.
+
+        Item 0 (padding) stays zero. `rows` lets training and `add_items` project just the items they use.
+        `text_embeddings` replaces the cached text embeddings of those items (the whole table when `rows`
+        is None), e.g. fresh LoRA-encoder outputs that carry gradient.
+        """
+        every_item = rows is None
+        if every_item:
+            rows = torch.arange(self.config.num_items + 1, device=self.warm_items.device)
+        warm = self.warm_items[rows].unsqueeze(-1)
         if self.text_projection is None:
             # ID-only: no gradient reaches an item unseen in training, so it keeps its random initial vector.
-            id_rows = self.item_id_embeddings.weight
-            representations = torch.where(self.warm_items.unsqueeze(-1), id_rows, id_rows.detach())
+            id_rows = self.item_id_embeddings.weight if every_item else self.item_id_embeddings(rows)
+            representations = torch.where(warm, id_rows, id_rows.detach())
         else:
-            text_embeddings = self.item_text_embeddings if item_text_embeddings is None else item_text_embeddings
+            if text_embeddings is None:
+                text_embeddings = self.item_text_embeddings if every_item else self.item_text_embeddings[rows]
+            elif len(text_embeddings) != len(rows):
+                raise ValueError(f"text_embeddings has {len(text_embeddings)} rows for {len(rows)} items.")
             representations = self.text_projection(text_embeddings.to(self.text_projection.weight.dtype))
         if self.item_id_embeddings is not None and self.text_projection is not None:
-            keep = self.warm_items.unsqueeze(-1).to(representations.dtype)
+            keep = warm.to(representations.dtype)
             if self.training and self.config.id_dropout > 0:
                 keep = keep * (torch.rand_like(keep) >= self.config.id_dropout).to(keep.dtype)
-            representations = representations + self.item_id_embeddings.weight * keep
-        return representations.masked_fill(
-            torch.arange(representations.shape[0], device=representations.device).unsqueeze(-1) == 0, 0.0
-        )
+            id_rows = self.item_id_embeddings.weight if every_item else self.item_id_embeddings(rows)
+            representations = representations + id_rows * keep
+        return representations.masked_fill((rows == 0).unsqueeze(-1), 0.0)
 
     # ----- user side ---------------------------------------------------------------------------------
 
@@ -470,19 +611,35 @@ class LlmRecModel(LlmRecPreTrainedModel):
         item_embeddings: torch.Tensor,
         profile_text_embeddings: Optional[torch.Tensor] = None,
         has_profile: Optional[torch.Tensor] = None,
+        older_item_indices: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Per-slot user states (B, L, hidden); the last slot is the user now.
 
         `profile_text_embeddings` (B, encoder hidden) are pooled BERT embeddings of user profiles (see
         `text_encoding.embed_item_texts`); `has_profile` (B,) marks the rows that have one (default: all).
+        `older_item_indices` (B, M) holds the history before the window (see `split_histories`); a model
+        with `history_summary` reads it as one summary token, others ignore it (the window alone counts).
         """
         history_mask = history_item_indices > 0
-        profile_embeddings = None
+        leading, leading_masks = [], []
         if profile_text_embeddings is not None:
             if self.profile_projection is None:
                 raise ValueError("This model has no user-profile path; build it with use_user_profiles=True.")
-            profile_embeddings = self.profile_projection(profile_text_embeddings.to(self.profile_projection.weight.dtype))
-        return self.user_encoder(item_embeddings[history_item_indices], history_mask, profile_embeddings, has_profile)
+            leading.append(self.profile_projection(profile_text_embeddings.to(self.profile_projection.weight.dtype)))
+            leading_masks.append(
+                torch.ones(len(history_mask), dtype=torch.bool, device=history_mask.device) if has_profile is None else has_profile
+            )
+        summary_projection = self.user_encoder.summary_projection
+        if summary_projection is not None and older_item_indices is not None and older_item_indices.shape[1] > 0:
+            # One pass over the older items (linear in their number): their mean representation.
+            older_mean = F.embedding_bag(older_item_indices, item_embeddings, mode="mean", padding_idx=0)
+            leading.append(summary_projection(older_mean))
+            leading_masks.append((older_item_indices > 0).any(dim=1))
+        if not leading:
+            return self.user_encoder(item_embeddings[history_item_indices], history_mask)
+        return self.user_encoder(
+            item_embeddings[history_item_indices], history_mask, torch.stack(leading, dim=1), torch.stack(leading_masks, dim=1)
+        )
 
     def similarity(self, user_embeddings: torch.Tensor, item_embeddings: torch.Tensor) -> torch.Tensor:
         """Cosine / temperature: the same ranking FAISS gives with inner product on normalised vectors."""
@@ -495,32 +652,52 @@ class LlmRecModel(LlmRecPreTrainedModel):
         item_embeddings: torch.Tensor,
         user_embeddings: Optional[torch.Tensor] = None,
         output_attentions: bool = False,
+        rerank_cache: Optional[RerankCache] = None,
+        older_item_indices: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Reranker scores of (B, C) candidates in one batched call; padding candidates (index 0) get -inf."""
+        """Reranker scores of (B, C) candidates in one batched call; padding candidates (index 0) get -inf.
+
+        `rerank_cache` (from `self.reranker.project_items(item_embeddings)`) holds the head's per-item
+        projections, so a request only gathers them; `older_item_indices` is the history before the window.
+        """
         if user_embeddings is None:
-            user_embeddings = self.encode_users(history_item_indices, item_embeddings)[:, -1]
+            user_embeddings = self.encode_users(history_item_indices, item_embeddings, older_item_indices=older_item_indices)[:, -1]
         candidate_embeddings = item_embeddings[candidate_item_indices]
         retrieval_scores = (
             F.normalize(user_embeddings, dim=-1).unsqueeze(1) * F.normalize(candidate_embeddings, dim=-1)
         ).sum(-1) / self.config.similarity_temperature
         scores, attentions = self.reranker(
-            candidate_embeddings,
-            item_embeddings[history_item_indices],
-            history_item_indices > 0,
+            candidate_item_indices,
+            history_item_indices,
+            item_embeddings,
             user_embeddings,
             retrieval_scores,
             output_attentions=output_attentions,
+            cache=rerank_cache,
         )
         return scores.masked_fill(candidate_item_indices == 0, float("-inf")), attentions
 
-    def _fresh_text_embeddings(self, text_inputs: Optional[dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
-        """The cached catalogue embeddings with the rows in `text_inputs` re-encoded (with gradient), for LoRA."""
-        if text_inputs is None:
-            return None
-        fresh = self.encode_item_texts(text_inputs["input_ids"], text_inputs["attention_mask"])
-        table = self.item_text_embeddings.to(fresh.dtype).clone()
-        table[text_inputs["item_indices"]] = fresh
-        return table
+    def _touched_item_table(
+        self, index_tensors: list[Optional[torch.Tensor]], text_inputs: Optional[dict[str, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Representations of just the items a batch touches, and the map from item index to their row.
+
+        Sampled softmax and reranking read a few hundred items; projecting (and, with LoRA, re-encoding)
+        only those keeps a training step's cost independent of the catalogue size. Row 0 stays padding.
+        """
+        device = self.warm_items.device
+        touched = [torch.zeros(1, dtype=torch.long, device=device)]
+        touched += [indices.flatten() for indices in index_tensors if indices is not None]
+        rows = torch.unique(torch.cat(touched))
+        rows = rows[rows >= 0]  # IGNORE_INDEX targets
+        row_of_item = torch.zeros(self.config.num_items + 1, dtype=torch.long, device=device)
+        row_of_item[rows] = torch.arange(len(rows), device=device)
+        text_embeddings = None
+        if text_inputs is not None:  # LoRA: the batch's texts re-encoded with gradient, the rest from the cache
+            fresh = self.encode_item_texts(text_inputs["input_ids"], text_inputs["attention_mask"])
+            text_embeddings = self.item_text_embeddings[rows].to(fresh.dtype)
+            text_embeddings = text_embeddings.index_copy(0, row_of_item[text_inputs["item_indices"]], fresh)
+        return self.item_embeddings(text_embeddings, rows=rows), row_of_item
 
     def forward(
         self,
@@ -534,6 +711,7 @@ class LlmRecModel(LlmRecPreTrainedModel):
         output_attentions: bool = False,
         profile_text_embeddings: Optional[torch.Tensor] = None,
         has_profile: Optional[torch.Tensor] = None,
+        older_item_indices: Optional[torch.Tensor] = None,
     ) -> LlmRecOutput:
         """Retrieval mode (no candidates) or rerank mode (`candidate_item_indices` given).
 
@@ -542,35 +720,68 @@ class LlmRecModel(LlmRecPreTrainedModel):
         is given, over those items with the logQ correction `sampled_log_q` (sampled softmax); `logits` are
         then None, since scoring the whole catalogue is what sampling avoids. Rerank: the loss is listwise
         cross-entropy over each user's candidates, `candidate_labels` giving the positive's column.
-        `profile_text_embeddings` / `has_profile` add user profiles (see `encode_users`).
+        `profile_text_embeddings` / `has_profile` add user profiles and `older_item_indices` the history
+        before the window (see `encode_users`).
         """
-        item_embeddings = self.item_embeddings(self._fresh_text_embeddings(text_inputs))
-        user_states = self.encode_users(history_item_indices, item_embeddings, profile_text_embeddings, has_profile)
+        if sampled_item_indices is None and candidate_item_indices is None:
+            # Full softmax: every item is a negative, so the whole catalogue is projected.
+            item_embeddings = self.item_embeddings(self._fresh_catalogue_text(text_inputs))
+            user_states = self.encode_users(
+                history_item_indices, item_embeddings, profile_text_embeddings, has_profile, older_item_indices
+            )
+            user_embeddings = user_states[:, -1]
+            loss = None
+            if target_item_indices is not None:
+                loss = self._retrieval_loss(user_states, item_embeddings, target_item_indices)
+            return LlmRecOutput(loss=loss, logits=self.similarity(user_embeddings, item_embeddings), user_embeddings=user_embeddings)
+
+        # Sampled softmax or reranking: only the items this batch touches, indexed by their table row.
+        item_table, row_of_item = self._touched_item_table(
+            [history_item_indices, target_item_indices, sampled_item_indices, candidate_item_indices, older_item_indices],
+            text_inputs,
+        )
+        history_rows = row_of_item[history_item_indices]
+        older_rows = row_of_item[older_item_indices] if older_item_indices is not None else None
+        user_states = self.encode_users(history_rows, item_table, profile_text_embeddings, has_profile, older_rows)
         user_embeddings = user_states[:, -1]
 
         if candidate_item_indices is None:
             loss = None
             if target_item_indices is not None:
-                loss = self._retrieval_loss(user_states, item_embeddings, target_item_indices, sampled_item_indices, sampled_log_q)
-            logits = None if sampled_item_indices is not None else self.similarity(user_embeddings, item_embeddings)
-            return LlmRecOutput(loss=loss, logits=logits, user_embeddings=user_embeddings)
+                sampled_embeddings = item_table[row_of_item[sampled_item_indices]]
+                loss = self._retrieval_loss(
+                    user_states, sampled_embeddings, target_item_indices, sampled_item_indices, sampled_log_q
+                )
+            return LlmRecOutput(loss=loss, logits=None, user_embeddings=user_embeddings)
 
         scores, attentions = self.score_candidates(
-            history_item_indices, candidate_item_indices, item_embeddings, user_embeddings, output_attentions
+            history_rows, row_of_item[candidate_item_indices], item_table, user_embeddings, output_attentions
         )
         loss = None
         if candidate_labels is not None:
             loss = F.cross_entropy(scores, candidate_labels, ignore_index=IGNORE_INDEX)
         return LlmRecOutput(loss=loss, logits=scores, user_embeddings=user_embeddings, attentions=attentions)
 
+    def _fresh_catalogue_text(self, text_inputs: Optional[dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
+        """The cached catalogue text embeddings with the rows in `text_inputs` re-encoded (with gradient), for LoRA."""
+        if text_inputs is None:
+            return None
+        fresh = self.encode_item_texts(text_inputs["input_ids"], text_inputs["attention_mask"])
+        return self.item_text_embeddings.to(fresh.dtype).index_copy(0, text_inputs["item_indices"], fresh)
+
     def _retrieval_loss(
         self,
         user_states: torch.Tensor,
         item_embeddings: torch.Tensor,
         target_item_indices: torch.Tensor,
-        sampled_item_indices: Optional[torch.Tensor],
-        sampled_log_q: Optional[torch.Tensor],
+        sampled_item_indices: Optional[torch.Tensor] = None,
+        sampled_log_q: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """Next-item cross-entropy: over the whole catalogue (`item_embeddings` of every item), or sampled.
+
+        For the sampled softmax `item_embeddings` holds the rows of `sampled_item_indices` (sorted, unique
+        and holding every target), and `sampled_log_q` their logQ correction.
+        """
         has_target = target_item_indices != IGNORE_INDEX
         states = user_states[has_target]
         targets = target_item_indices[has_target]
@@ -586,8 +797,7 @@ class LlmRecModel(LlmRecPreTrainedModel):
         if sampled_item_indices is None:
             logits = self.similarity(states, item_embeddings).masked_fill(excluded, float("-inf"))
             return F.cross_entropy(logits, targets)
-        # Sampled softmax: sampled_item_indices is sorted, unique and holds every target.
-        logits = self.similarity(states, item_embeddings[sampled_item_indices]) - sampled_log_q
+        logits = self.similarity(states, item_embeddings) - sampled_log_q
         logits = logits.masked_fill(excluded[sampled_item_indices], float("-inf"))
         target_columns = torch.searchsorted(sampled_item_indices, targets)
         return F.cross_entropy(logits, target_columns)

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .modeling_llmrec import LlmRecModel
+from .precision import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,12 @@ def embed_tokenized_items(
     tokenized_items: dict[str, torch.Tensor],
     batch_size: int = 256,
     show_progress: bool = True,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Pooled encoder outputs of tokenised items (row 0, the padding item, stays zero).
 
-    Batches are sorted by length so padding costs little.
+    Batches are sorted by length so padding costs little. `precision="bf16"` runs the encoder under bf16
+    autocast (see `precision.autocast`); the embeddings are stored in the cache's dtype either way.
     """
     was_training = model.training
     model.eval()
@@ -43,9 +46,9 @@ def embed_tokenized_items(
     for start in tqdm(range(0, len(order), batch_size), desc="encode items", disable=None if show_progress else True, leave=False):
         rows = order[start : start + batch_size]
         width = int(attention_mask[rows].sum(dim=1).max())
-        embeddings[rows.to(device)] = model.encode_item_texts(
-            input_ids[rows, :width].to(device), attention_mask[rows, :width].to(device)
-        ).to(embeddings.dtype)
+        with autocast(device, precision):
+            pooled = model.encode_item_texts(input_ids[rows, :width].to(device), attention_mask[rows, :width].to(device))
+        embeddings[rows.to(device)] = pooled.to(embeddings.dtype)
     model.train(was_training)
     return embeddings
 
@@ -55,17 +58,22 @@ def encode_catalogue(
     tokenized_items: dict[str, torch.Tensor],
     batch_size: int = 256,
     show_progress: bool = True,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Encode every item text once and store the result in `model.item_text_embeddings` (the catalogue cache)."""
-    embeddings = embed_tokenized_items(model, tokenized_items, batch_size, show_progress)
+    embeddings = embed_tokenized_items(model, tokenized_items, batch_size, show_progress, precision)
     model.item_text_embeddings.copy_(embeddings)
     logger.info("Encoded %d item texts.", len(embeddings) - 1)
     return embeddings
 
 
 def embed_item_texts(
-    model: LlmRecModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 256
+    model: LlmRecModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Pooled encoder outputs (len(texts), encoder hidden size) of new item texts, e.g. items added after training."""
     tokenized = tokenize_item_texts(tokenizer, texts, model.config.max_text_length)
-    return embed_tokenized_items(model, tokenized, batch_size, show_progress=len(texts) > batch_size)[1:]
+    return embed_tokenized_items(model, tokenized, batch_size, show_progress=len(texts) > batch_size, precision=precision)[1:]

@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..modeling import LlmRecModel, pad_histories
+from ..modeling import LlmRecModel, split_histories
 from .index import ItemIndex
 
 
@@ -21,8 +21,9 @@ def build_item_index(model: LlmRecModel) -> ItemIndex:
 class CandidatePipeline:
     """Retrieve with the user tower and FAISS, then rerank with the cross-attention head, batch by batch.
 
-    Item representations are computed once here and reused by every call, so serving never re-encodes
-    the catalogue.
+    The serving cache: item representations and the reranking head's per-item query/key/value
+    projections are computed once here and reused by every call, so a request only encodes the user's
+    history, searches FAISS and gathers rows; `add_items` extends the cache by the new rows alone.
     """
 
     def __init__(self, model: LlmRecModel, index: ItemIndex, num_candidates: int = 100, exclude_history: bool = True) -> None:
@@ -33,20 +34,38 @@ class CandidatePipeline:
         self.refresh()
 
     def refresh(self) -> None:
-        """Recompute cached item representations (after training or adding items)."""
+        """Recompute the cached item representations and head projections (after training)."""
         with torch.inference_mode():
-            self.item_embeddings = self.model.item_embeddings()
+            item_embeddings = self.model.item_embeddings()
+            self.rerank_cache = self.model.reranker.project_items(item_embeddings)
+            self.item_embeddings = item_embeddings
+
+    def add_items(self, count: int) -> np.ndarray:
+        """Extend the cache by the model's last `count` items (just added to it); returns their index vectors.
+
+        Readers may run meanwhile: the new rows are appended to copies that are swapped in, and ids
+        pointing at them are published only after this returns.
+        """
+        with torch.inference_mode():
+            start = self.item_embeddings.shape[0]
+            rows = torch.arange(start, start + count, device=self.device)
+            new_embeddings = self.model.item_embeddings(rows=rows)
+            rerank_cache = self.rerank_cache.extended(self.model.reranker.project_items(new_embeddings))
+            item_embeddings = torch.cat([self.item_embeddings, new_embeddings])
+        self.rerank_cache, self.item_embeddings = rerank_cache, item_embeddings
+        return new_embeddings.float().cpu().numpy()
 
     @property
     def device(self) -> torch.device:
         return self.item_embeddings.device
 
-    def _padded(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        return pad_histories(histories, self.model.config.max_history_length, self.device)
+    def _padded(self, histories: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return split_histories(histories, self.model.config.max_history_length, self.device)
 
     @torch.inference_mode()
     def user_embeddings(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        return self.model.encode_users(self._padded(histories), self.item_embeddings)[:, -1]
+        window, older = self._padded(histories)
+        return self.model.encode_users(window, self.item_embeddings, older_item_indices=older)[:, -1]
 
     def retrieve(
         self,
@@ -77,11 +96,22 @@ class CandidatePipeline:
         candidate_indices: torch.Tensor | np.ndarray,
         output_attentions: bool = False,
         user_embeddings: torch.Tensor | None = None,
+        use_cache: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scores of (B, C) candidate item indices (0 = padding -> -inf) for each history, in one batched call."""
+        """Scores of (B, C) candidate item indices (0 = padding -> -inf) for each history, in one batched call.
+
+        `use_cache=False` recomputes the head's projections per call (the reference the benchmarks time).
+        """
         candidates = torch.as_tensor(candidate_indices, dtype=torch.long, device=self.device)
+        window, older = self._padded(histories)
         return self.model.score_candidates(
-            self._padded(histories), candidates, self.item_embeddings, user_embeddings, output_attentions
+            window,
+            candidates,
+            self.item_embeddings,
+            user_embeddings,
+            output_attentions,
+            rerank_cache=self.rerank_cache if use_cache else None,
+            older_item_indices=older,
         )
 
     @torch.inference_mode()

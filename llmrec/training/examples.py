@@ -8,31 +8,41 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..modeling import IGNORE_INDEX, pad_histories
+from ..modeling import IGNORE_INDEX, pad_histories, split_histories
 
 
-def next_item_windows(train_sequences: Sequence[Sequence[int]], max_history_length: int) -> list[list[int]]:
+def next_item_windows(
+    train_sequences: Sequence[Sequence[int]], max_history_length: int, keep_older: bool = False
+) -> list[list[int]]:
     """Cut each training sequence into windows of at most `max_history_length + 1` items, from the end.
 
     Every slot of a window predicts the next item (causal mask), so one window trains on all its
-    positions in one pass; windows do not overlap, so every target is seen once per epoch.
+    positions in one pass; windows do not overlap, so every target is seen once per epoch. With
+    `keep_older` each window comes with everything before it (the model's history summary reads that);
+    `collate_next_item` splits it off again.
     """
     windows = []
     for sequence in train_sequences:
         end = len(sequence)
         while end >= 2:
             start = max(0, end - max_history_length - 1)
-            windows.append(list(sequence[start:end]))
+            windows.append(list(sequence[: end] if keep_older else sequence[start:end]))
             end = start + 1 if start > 0 else 0
     return windows
 
 
 def collate_next_item(windows: Sequence[Sequence[int]], max_history_length: int) -> dict[str, torch.Tensor]:
-    """Left-padded inputs (window[:-1]) and their next-item targets (window[1:], IGNORE_INDEX on padding)."""
-    inputs = pad_histories([window[:-1] for window in windows], max_history_length)
+    """Left-padded inputs (window[:-1]) and their next-item targets (window[1:], IGNORE_INDEX on padding).
+
+    Items before the last `max_history_length` inputs become `older_item_indices` (absent when none).
+    """
+    inputs, older = split_histories([window[:-1] for window in windows], max_history_length)
     targets = pad_histories([window[1:] for window in windows], max_history_length)
     targets[inputs == 0] = IGNORE_INDEX
-    return {"history_item_indices": inputs, "target_item_indices": targets}
+    batch = {"history_item_indices": inputs, "target_item_indices": targets}
+    if older is not None:
+        batch["older_item_indices"] = older
+    return batch
 
 
 @dataclass
@@ -53,8 +63,12 @@ def rerank_prefixes(train_sequences: Sequence[Sequence[int]], positions_per_user
 
 
 def collate_rerank(examples: Sequence[RerankExample], max_history_length: int) -> dict[str, torch.Tensor]:
-    return {
-        "history_item_indices": pad_histories([example.history for example in examples], max_history_length),
+    histories, older = split_histories([example.history for example in examples], max_history_length)
+    batch = {
+        "history_item_indices": histories,
         "candidate_item_indices": torch.as_tensor(np.stack([example.candidates for example in examples]), dtype=torch.long),
         "candidate_labels": torch.tensor([example.label for example in examples], dtype=torch.long),
     }
+    if older is not None:
+        batch["older_item_indices"] = older
+    return batch

@@ -110,9 +110,14 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
     popularity = split.item_popularity()
     model.warm_items.copy_(torch.as_tensor(popularity > 0))
     tokenized_items = tokenize_item_texts(tokenizer, split.item_texts, config.model.max_text_length)
-    encode_catalogue(model, tokenized_items, settings.encode_batch_size, show_progress=accelerator.is_local_main_process)
+    encode_catalogue(
+        model, tokenized_items, settings.encode_batch_size, show_progress=accelerator.is_local_main_process,
+        precision="bf16" if settings.mixed_precision == "bf16" else "fp32",
+    )
     if config.lora is not None:
         add_lora(model, config)
+    if settings.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     timings["item_encoding_seconds"] = time.perf_counter() - stage_start
 
     trainer = LlmRecTrainer(model, split, config, accelerator, tokenized_items, resume_from=checkpoint)

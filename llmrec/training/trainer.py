@@ -37,7 +37,7 @@ from ..config import ExperimentConfig
 from ..data import SequentialSplit
 from ..errors import ConfigError
 from ..evaluation import evaluate_ranking, scores_from_candidates
-from ..modeling import LlmRecModel, pad_histories
+from ..modeling import LlmRecModel, split_histories
 from ..modeling.text_encoding import encode_catalogue
 from ..retrieval import CandidatePipeline, build_item_index
 from ..utils.io import atomic_write, write_json_atomic
@@ -268,7 +268,7 @@ class LlmRecTrainer:
         settings = self.config.training
         self._set_trainable(lambda name: not name.startswith("reranker."))
         max_length = self.model.config.max_history_length
-        windows = next_item_windows(self.split.train_sequences, max_length)
+        windows = next_item_windows(self.split.train_sequences, max_length, keep_older=self.model.config.history_summary)
         loader = self._shuffled_loader(
             "retrieval", windows, settings.retrieval_batch_size,
             lambda batch: self._with_item_inputs(collate_next_item(batch, max_length)),
@@ -293,8 +293,9 @@ class LlmRecTrainer:
             )
         if self.encoder_trainable:
             touched = [batch["history_item_indices"].flatten(), batch["target_item_indices"].flatten()]
-            if "sampled_item_indices" in batch:
-                touched.append(batch["sampled_item_indices"])
+            for name in ("sampled_item_indices", "older_item_indices"):
+                if name in batch:
+                    touched.append(batch[name].flatten())
             items = torch.unique(torch.cat(touched))
             items = items[items > 0]
             width = int(self.tokenized_items["attention_mask"][items].sum(dim=1).max())
@@ -322,6 +323,7 @@ class LlmRecTrainer:
             encode_catalogue(
                 self.accelerator.unwrap_model(self.model), self.tokenized_items, self.config.training.encode_batch_size,
                 show_progress=self.accelerator.is_local_main_process,
+                precision="bf16" if self.config.training.mixed_precision == "bf16" else "fp32",
             )
 
     # ----- stage 2 -----------------------------------------------------------------------------------
@@ -590,8 +592,9 @@ class LlmRecTrainer:
 
         @torch.inference_mode()
         def score(histories):
-            padded = pad_histories(histories, model.config.max_history_length, item_embeddings.device)
-            return model.similarity(model.encode_users(padded, item_embeddings)[:, -1], item_embeddings)
+            window, older = split_histories(histories, model.config.max_history_length, item_embeddings.device)
+            user_embeddings = model.encode_users(window, item_embeddings, older_item_indices=older)[:, -1]
+            return model.similarity(user_embeddings, item_embeddings)
 
         return score
 
