@@ -61,7 +61,7 @@ def _metric_label(metric: str) -> str:
 
 def _evaluation_table(eval_results: dict[str, Any]) -> str:
     rows = []
-    for split in ("test", "valid"):
+    for split in ("test", "cold_test", "valid"):
         for system, all_metrics in eval_results.get(split, {}).items():
             metrics = _ranking_metrics(all_metrics)
             if not rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,8 +40,8 @@ def cold_run(tmp_path_factory, planted_data_dir, tiny_encoder_dir):
     """A few-second fine-tune on the planted data with 20 % of the items held out."""
     config = _cold_config(planted_data_dir, tiny_encoder_dir, tmp_path_factory.mktemp("cold-run"))
     split = build_split(load_interaction_data(config.data), config.data)
-    run_finetune(config)
-    return config, split
+    results = run_finetune(config)
+    return config, split, results
 
 
 # ----- splits ----------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def test_default_model_state_dict_is_unchanged_and_old_configs_load(cold_run, tm
     names = set(_small_model().state_dict())
     assert "text_projection.weight" in names and not any(name.startswith("profile_projection") for name in names)
     # A folder whose config.json predates the new flags loads with their defaults.
-    config, _ = cold_run
+    config, _, _ = cold_run
     folder = tmp_path / "old"
     Recommender.from_pretrained(config.output_dir).save_pretrained(folder)
     saved = json.loads((folder / "config.json").read_text())
@@ -143,7 +144,7 @@ def test_default_model_state_dict_is_unchanged_and_old_configs_load(cold_run, tm
 
 
 def test_held_out_items_stay_cold_and_rank_far_above_random(cold_run):
-    config, split = cold_run
+    config, split, results = cold_run
     recommender = Recommender.from_pretrained(config.output_dir)
     warm = recommender.model.warm_items
     assert not warm[split.cold_item_indices].any() and warm[1:].sum() == split.num_items - len(split.cold_item_indices)
@@ -152,10 +153,14 @@ def test_held_out_items_stay_cold_and_rank_far_above_random(cold_run):
                                cold.targets, split.num_items)
     random_hr10 = 10 / (split.num_items - np.mean([len(history) for history in cold.histories]))
     assert metrics["hr@10"] > 3 * random_hr10
+    # run_finetune evaluates the cold examples itself, through the same evaluator, and the card shows them.
+    assert results["cold_test"]["retrieval"]["num_users"] == len(cold.targets)
+    assert results["cold_test"]["retrieval"]["hr@10"] == pytest.approx(metrics["hr@10"], abs=1e-6)
+    assert "| cold_test |" in (Path(config.output_dir) / "README.md").read_text()
 
 
 def test_item_added_after_training_ranks_above_random_for_its_genre(cold_run):
-    config, split = cold_run
+    config, split, _ = cold_run
     recommender = Recommender.from_pretrained(config.output_dir)
     recommender.add_items(["new-g1"], ["movie number 50 genre g1"])  # a title no training item has
     ranks = {True: [], False: []}
@@ -180,7 +185,7 @@ def _profile_text(genre: int) -> str:
 
 
 def test_profile_only_user_gets_the_planted_preference(cold_run, tmp_path):
-    config, split = cold_run
+    config, split, _ = cold_run
     recommender = Recommender.from_pretrained(config.output_dir)
     history = [split.item_ids[index - 1] for index in split.train_sequences[0]]
     before = recommender.recommend(history, k=10)

@@ -134,7 +134,10 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
         "rerank": rerank_score_function(pipeline, split.num_items),
     }
     results: dict[str, Any] = {}
-    for split_name, examples in (("valid", split.valid), ("test", split.test)):
+    evaluated = [("valid", split.valid), ("test", split.test)]
+    if len(split.cold_test):  # cold_items / cold_users splits: the held-out items' or users' examples
+        evaluated.append(("cold_test", split.cold_test))
+    for split_name, examples in evaluated:
         results[split_name] = {
             name: evaluate_ranking(
                 score_fn, examples.histories, examples.targets, split.num_items, ks=config.evaluation.ks,
