@@ -251,8 +251,9 @@ def test_bad_precision_settings_are_refused():
         assert not torch.is_autocast_enabled("cpu")
 
 
-def test_finetune_with_summary_checkpointing_and_bf16_trains_and_serves(tmp_path, planted_data_dir, tiny_encoder_dir):
-    """The options together through the real entry point: windows shorter than the histories, so summaries are read."""
+def test_finetune_with_summary_checkpointing_bf16_and_hnsw_trains_and_serves(tmp_path, planted_data_dir, tiny_encoder_dir):
+    """The options together through the real entry point: windows shorter than the histories, so summaries are
+    read, and the saved model serves from an HNSW index."""
     from conftest import tiny_overrides
 
     from llmrec import Recommender
@@ -264,6 +265,7 @@ def test_finetune_with_summary_checkpointing_and_bf16_trains_and_serves(tmp_path
     overrides["training"].update(
         retrieval_epochs=3, rerank_epochs=1, gradient_checkpointing=True, mixed_precision="bf16"
     )
+    overrides["retrieval"].update(index_type="hnsw", hnsw_m=8, hnsw_ef_search=40)
     from accelerate.state import AcceleratorState
 
     try:
@@ -273,5 +275,6 @@ def test_finetune_with_summary_checkpointing_and_bf16_trains_and_serves(tmp_path
     assert results["test"]["retrieval"]["ndcg@10"] > results["test"]["popularity"]["ndcg@10"]
     recommender = Recommender.from_pretrained(tmp_path / "run")
     assert recommender.model.config.history_summary and recommender.model.user_encoder.summary_projection is not None
+    assert recommender.pipeline.index.index_type == "hnsw" and recommender.pipeline.index.params["M"] == 8
     long_history = recommender.item_ids[:12]
     assert len(recommender.recommend(long_history, k=5)) == 5

@@ -104,3 +104,24 @@ def test_auto_loss_is_full_softmax_only_where_it_fits():
     assert choose_retrieval_loss(load_config(), num_items=1_000_000) == "sampled_softmax"
     assert choose_retrieval_loss(load_config(overrides={"lora": True}), num_items=1682) == "sampled_softmax"
     assert choose_retrieval_loss(load_config(overrides=["--training.loss", "full_softmax"]), num_items=10**6) == "full_softmax"
+
+
+@pytest.mark.parametrize(
+    "retrieval, message",
+    [
+        ({"index_type": "annoy"}, "retrieval.index_type"),
+        ({"index_type": "hnsw", "hnsw_ef_search": 0}, "retrieval.hnsw_ef_search must be positive"),
+        ({"index_type": "ivf", "ivf_nlist": -4}, "retrieval.ivf_nlist must be positive or null"),
+    ],
+)
+def test_bad_index_settings_are_refused(retrieval, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides={"retrieval": retrieval})
+
+
+def test_index_params_are_those_of_the_chosen_type():
+    assert load_config(overrides={"retrieval": {"index_type": "hnsw", "hnsw_m": 16}}).retrieval.index_params() == {
+        "M": 16, "efConstruction": 100, "efSearch": 128,
+    }
+    assert load_config(overrides={"retrieval": {"index_type": "ivf"}}).retrieval.index_params() == {"nlist": None, "nprobe": 32}
+    assert load_config().retrieval.index_params() == {}

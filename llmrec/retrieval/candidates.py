@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -11,11 +11,14 @@ from ..modeling import LlmRecModel, split_histories
 from .index import ItemIndex
 
 
-def build_item_index(model: LlmRecModel) -> ItemIndex:
-    """A FAISS index of the model's item representations (row r = item index r + 1), cosine by default."""
+def build_item_index(model: LlmRecModel, index_type: str = "flat", **params: Any) -> ItemIndex:
+    """A cosine FAISS index of the model's item representations (row r = item index r + 1).
+
+    `index_type` and `params` as in `ItemIndex.build`: exact ("flat") or approximate ("hnsw", "ivf").
+    """
     with torch.inference_mode():
         item_embeddings = model.item_embeddings()[1:].float().cpu().numpy()
-    return ItemIndex.build(item_embeddings, normalize=True)
+    return ItemIndex.build(item_embeddings, normalize=True, index_type=index_type, **params)
 
 
 class CandidatePipeline:

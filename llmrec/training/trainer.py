@@ -581,7 +581,10 @@ class LlmRecTrainer:
     def candidate_pipeline(self) -> CandidatePipeline:
         model = self.accelerator.unwrap_model(self.model)
         return CandidatePipeline(
-            model, build_item_index(model), self.config.retrieval.num_candidates, self.config.retrieval.exclude_history
+            model,
+            build_item_index(model, self.config.retrieval.index_type, **self.config.retrieval.index_params()),
+            self.config.retrieval.num_candidates,
+            self.config.retrieval.exclude_history,
         )
 
     def dense_retrieval_scores(self) -> Callable:
