@@ -37,20 +37,21 @@ FORMAT_VERSION = 2
 PADDING_INDEX = 0
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
-# Defaults (see bench/results/scaling.md for the measurements behind them, 64-d item embeddings):
-# - HNSW M=32: 64 links per item at the base layer; below ~16 recall@100 saturates early, above 48 memory
-#   and build time grow for little gain. efConstruction=100: graph quality close to 200 at half the build
-#   time. efSearch=128: the search beam; top-100 needs a beam of at least 100 (FAISS uses max(efSearch, k)),
-#   and 128 reaches recall@100 >= 0.95 on the benchmark's clustered 1M-item catalogue. FAISS does not widen
-#   the beam to k by itself (efSearch 16 gives recall@100 ~0.6 on that catalogue), so `search` uses
-#   max(efSearch, k) as hnswlib does.
-# - IVF nlist=None means 4 * sqrt(num_items) lists (the usual rule of thumb, ~250 items per list at 1M),
-#   capped so that each centroid has at least 39 training items (FAISS's own minimum); nprobe=32 lists are
-#   scanned per query.
+# Defaults (measured in bench/scaling.py on 64-d item embeddings: 1M synthetic items clustered like the trained
+# MovieLens-100k model's, real users as queries, top-100 with the history excluded; bench/results/scaling.md):
+# - HNSW M=32: 64 links per item at the base layer, about as many bytes of graph as of vectors at 64-d; fewer
+#   links lose recall on clustered catalogues, more cost memory and build time. efConstruction=100: a 1M-item
+#   graph builds in ~7 min on one core. efSearch=320: the smallest beam of the sweep with recall@100 >= 0.96
+#   at 1M items (0.95 needs 256; 128 gives 0.91), under 1 ms per user. FAISS does not widen the beam to k by
+#   itself (a beam of 16 found ~60 % of the top 100 on 100k items), so `search` uses max(efSearch, k), as
+#   hnswlib does.
+# - IVF nlist=None means 4 * sqrt(num_items) lists (the usual rule of thumb: 4,000 lists of ~250 items at 1M),
+#   capped so that each centroid has at least 39 training items (FAISS's own minimum). nprobe=48: the smallest
+#   of the sweep with recall@100 >= 0.96 at 1M items (32 gives 0.94), ~0.4 ms per user.
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "flat": {},
-    "hnsw": {"M": 32, "efConstruction": 100, "efSearch": 128},
-    "ivf": {"nlist": None, "nprobe": 32},
+    "hnsw": {"M": 32, "efConstruction": 100, "efSearch": 320},
+    "ivf": {"nlist": None, "nprobe": 48},
 }
 SEARCH_PARAMS = {"flat": (), "hnsw": ("efSearch",), "ivf": ("nprobe",)}
 IVF_MIN_ITEMS_PER_LIST = 39
