@@ -51,6 +51,19 @@ def _style(index_type: str) -> tuple[str, str]:
     return INDEX_STYLES.get(index_type, ("tab:gray", "x"))
 
 
+def _short_count(value: float, _position: int = 0) -> str:
+    """10000 -> 10k, 1000000 -> 1M: catalogue sizes as people say them."""
+    for divisor, suffix in ((1e6, "M"), (1e3, "k")):
+        if value >= divisor:
+            return f"{value / divisor:g}{suffix}"
+    return f"{value:g}"
+
+
+def _items_axis(axis: plt.Axes) -> None:
+    axis.xaxis.set_major_formatter(FuncFormatter(_short_count))
+    axis.xaxis.set_minor_formatter(FuncFormatter(lambda value, position: _short_count(value) if _label_2_and_5(value, position) else ""))
+
+
 def _label_2_and_5(value: float, _position: int) -> str:
     """Minor ticks of a log axis: label 2x and 5x a power of ten, so short axes still read."""
     leading = f"{value:.0e}"[0]
@@ -68,6 +81,8 @@ def _plain_numbers(axis: plt.Axes) -> None:
 def _save(figure: plt.Figure, path: Path) -> Path:
     for axis in figure.get_axes():
         _plain_numbers(axis)
+        if axis.get_xlabel().startswith("catalogue size"):
+            _items_axis(axis)
     figure.tight_layout()
     figure.savefig(path, dpi=130)
     plt.close(figure)
