@@ -70,6 +70,7 @@ from llmrec import Recommender  # noqa: E402
 from llmrec.config import load_config  # noqa: E402
 from llmrec.data import build_split, load_interaction_data  # noqa: E402
 from llmrec.retrieval import CandidatePipeline, ItemIndex  # noqa: E402
+from llmrec.retrieval.index import SEARCH_PARAMS, resolve_index_params  # noqa: E402
 
 logger = logging.getLogger("bench.scaling")
 
@@ -296,6 +297,9 @@ def build_index(item_vectors: np.ndarray, index_type: str, params: dict, cache_d
     path = cache_dir / f"{index_type}-{len(item_vectors)}-{key.hexdigest()[:16]}.faiss" if cache_dir else None
     if path is not None and path.is_file():
         index = ItemIndex.load(path)
+        # The cache is keyed by build parameters; search parameters are today's defaults, not those saved with it.
+        resolved = resolve_index_params(index_type, params)
+        index.set_search_params(**{name: resolved[name] for name in SEARCH_PARAMS[index_type]})
         build_seconds = json.loads(path.with_suffix(".build.json").read_text())["build_seconds"]
         logger.info("Loaded cached %r (built in %.1f s)", index, build_seconds)
         return index, build_seconds
@@ -676,7 +680,8 @@ def render_markdown(results: dict) -> str:
             f"| {entry['num_items']:,} | {entry['index_type']} | {params} | {entry['build_seconds']:.1f} | {_mb(memory['index_bytes'])} | "
             f"{_mb(memory['pipeline_item_cache_bytes'])} | {_mb(memory['model_item_tables_bytes'])} | {_mb(memory.get('rss_bytes'))} |"
         )
-    lines += ["", "Pipeline item caches: what `CandidatePipeline` holds per item (item representations and any head "
+    lines += ["", "Build s: single build, on the threads of this run (an index loaded from the cache reports its original "
+              "build). Pipeline item caches: what `CandidatePipeline` holds per item (item representations and any head "
               "projections). Full model item tables: the model's BERT text-embedding buffer and ID embeddings at that size "
               "(computed, not built: the synthetic catalogue bypasses them). RSS is cumulative over the run."]
     sweep = results.get("ann_sweep")
