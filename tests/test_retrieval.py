@@ -242,13 +242,14 @@ def test_sidecar_that_contradicts_the_file_or_has_a_newer_version_is_refused(tmp
 
 
 @pytest.mark.parametrize("index_type", ALL_TYPES)
-def test_exclusion_and_allowed_filters_hold_for_every_type(clustered, index_type):
+def test_exclusion_and_allowed_filters_hold_for_every_type(clustered, index_type, monkeypatch):
+    monkeypatch.setattr("llmrec.retrieval.index.EXACT_FILTER_MAX_ITEMS", 100)  # so this small catalogue has both paths
     items, queries = clustered
     index = ItemIndex.build(items, index_type=index_type)
     exact = ItemIndex.build(items)
     _, unfiltered = exact.search(queries, 20)
     exclude = [list(row[:10]) for row in unfiltered]  # the nearest items, as a user's history would be
-    narrow = np.arange(1, 3001, 37)  # 82 items: scored exactly by the approximate types
+    narrow = np.arange(1, 3001, 37)  # 82 items (<= 100): scored exactly by the approximate types
     wide = np.arange(1, 3001, 2)  # 1,500 items: passed to FAISS as an ID selector
     for allowed in (None, narrow, wide):
         scores, indices = index.search(queries, 15, exclude=exclude, allowed=allowed)
