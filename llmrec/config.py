@@ -278,31 +278,30 @@ class RetrievalSettings:
         metadata={"help": "FAISS index of the model: flat (exact) | hnsw | ivf (approximate; they pay off from "
                   "~100k items, see bench/README.md)."},
     )
-    hnsw_m: int = field(default=32, metadata={"help": "HNSW links per item (index_type hnsw)."})
-    hnsw_ef_construction: int = field(default=100, metadata={"help": "HNSW build beam (index_type hnsw)."})
-    hnsw_ef_search: int = field(default=128, metadata={"help": "HNSW search beam; at least k is used (index_type hnsw)."})
-    ivf_nlist: Optional[int] = field(
-        default=None, metadata={"help": "IVF lists; null = 4 * sqrt(num_items) (index_type ivf)."}
+    # null = ItemIndex's defaults (llmrec/retrieval/index.py, chosen on the benchmark's 1M-item catalogue).
+    hnsw_m: Optional[int] = field(default=None, metadata={"help": "HNSW links per item (index_type hnsw)."})
+    hnsw_ef_construction: Optional[int] = field(default=None, metadata={"help": "HNSW build beam (index_type hnsw)."})
+    hnsw_ef_search: Optional[int] = field(
+        default=None, metadata={"help": "HNSW search beam; at least k is used (index_type hnsw)."}
     )
-    ivf_nprobe: int = field(default=32, metadata={"help": "IVF lists scanned per query (index_type ivf)."})
+    ivf_nlist: Optional[int] = field(default=None, metadata={"help": "IVF lists; null = 4 * sqrt(num_items) (index_type ivf)."})
+    ivf_nprobe: Optional[int] = field(default=None, metadata={"help": "IVF lists scanned per query (index_type ivf)."})
 
     def validate(self) -> None:
         if self.num_candidates <= 0:
             raise ConfigError(f"retrieval.num_candidates must be positive, got {self.num_candidates}.")
         _check_choice("retrieval.index_type", self.index_type, ["flat", "hnsw", "ivf"])
-        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"retrieval.{name} must be positive, got {getattr(self, name)}.")
-        if self.ivf_nlist is not None and self.ivf_nlist <= 0:
-            raise ConfigError(f"retrieval.ivf_nlist must be positive or null, got {self.ivf_nlist}.")
+        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"retrieval.{name} must be positive or null, got {getattr(self, name)}.")
 
     def index_params(self) -> dict[str, Any]:
-        """The FAISS parameters of `index_type`, named as `ItemIndex.build` takes them."""
-        if self.index_type == "hnsw":
-            return {"M": self.hnsw_m, "efConstruction": self.hnsw_ef_construction, "efSearch": self.hnsw_ef_search}
-        if self.index_type == "ivf":
-            return {"nlist": self.ivf_nlist, "nprobe": self.ivf_nprobe}
-        return {}
+        """The FAISS parameters set for `index_type`, named as `ItemIndex.build` takes them (unset ones left out)."""
+        names = {
+            "hnsw": {"M": self.hnsw_m, "efConstruction": self.hnsw_ef_construction, "efSearch": self.hnsw_ef_search},
+            "ivf": {"nlist": self.ivf_nlist, "nprobe": self.ivf_nprobe},
+        }.get(self.index_type, {})
+        return {name: value for name, value in names.items() if value is not None}
 
 
 @dataclass

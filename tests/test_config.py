@@ -110,7 +110,7 @@ def test_auto_loss_is_full_softmax_only_where_it_fits():
     "retrieval, message",
     [
         ({"index_type": "annoy"}, "retrieval.index_type"),
-        ({"index_type": "hnsw", "hnsw_ef_search": 0}, "retrieval.hnsw_ef_search must be positive"),
+        ({"index_type": "hnsw", "hnsw_ef_search": 0}, "retrieval.hnsw_ef_search must be positive or null"),
         ({"index_type": "ivf", "ivf_nlist": -4}, "retrieval.ivf_nlist must be positive or null"),
     ],
 )
@@ -120,8 +120,7 @@ def test_bad_index_settings_are_refused(retrieval, message):
 
 
 def test_index_params_are_those_of_the_chosen_type():
-    assert load_config(overrides={"retrieval": {"index_type": "hnsw", "hnsw_m": 16}}).retrieval.index_params() == {
-        "M": 16, "efConstruction": 100, "efSearch": 128,
-    }
-    assert load_config(overrides={"retrieval": {"index_type": "ivf"}}).retrieval.index_params() == {"nlist": None, "nprobe": 32}
-    assert load_config().retrieval.index_params() == {}
+    settings = {"index_type": "hnsw", "hnsw_m": 16, "ivf_nprobe": 8}
+    assert load_config(overrides={"retrieval": settings}).retrieval.index_params() == {"M": 16}
+    assert load_config(overrides={"retrieval": {"index_type": "ivf", "ivf_nprobe": 8}}).retrieval.index_params() == {"nprobe": 8}
+    assert load_config(overrides={"retrieval": {"hnsw_m": 16}}).retrieval.index_params() == {}
