@@ -319,3 +319,7 @@ def test_bad_index_types_and_params_are_clear_errors(clustered):
     for bad in (0, -2, 2.5, True, "16"):
         with pytest.raises(ValueError, match="M must be a positive integer"):
             ItemIndex.build(items, index_type="hnsw", M=bad)
+    # None leaves a parameter at its default, so configs need not repeat the library's defaults.
+    assert ItemIndex.build(items[:500], index_type="hnsw", M=None, efSearch=None).params == ItemIndex.build(
+        items[:500], index_type="hnsw"
+    ).params

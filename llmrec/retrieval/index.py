@@ -86,7 +86,10 @@ def sidecar_path(index_path: str | Path) -> Path:
 
 
 def resolve_index_params(index_type: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults of `index_type` overridden by `params`; unknown types, names and non-positive values raise ValueError."""
+    """Defaults of `index_type` overridden by `params`; unknown types, names and non-positive values raise ValueError.
+
+    A value of None keeps the default, so a config can leave any parameter to this module.
+    """
     if index_type not in INDEX_TYPES:
         raise ValueError(f"Unknown index_type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}.")
     resolved = dict(DEFAULT_PARAMS[index_type])
@@ -94,7 +97,7 @@ def resolve_index_params(index_type: str, params: Mapping[str, Any] | None = Non
         if name not in resolved:
             valid = ", ".join(DEFAULT_PARAMS[index_type]) or "none"
             raise ValueError(f"Unknown parameter {name!r} for index_type {index_type!r}; valid parameters: {valid}.")
-        if value is None and DEFAULT_PARAMS[index_type][name] is None:
+        if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"{index_type} parameter {name} must be a positive integer; got {value!r}.")
