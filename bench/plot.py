@@ -6,7 +6,7 @@ part the chart reads, so the script works at any stage of the benchmarks:
 - scaling.json (`bench/scaling.py`): FAISS latency vs catalogue size (log x) per history length, latency vs
   history length (user tower, FAISS, rerank), recall@100 vs latency of the ANN sweep, index memory vs size;
 - quality.json (`bench/quality.py`): NDCG@10 and HR@10 per system, with the spread over seeds;
-- speed.json: latency per configuration, when it holds a recognisable list of timings.
+- speed.json (`bench/speed.py`): p50 of every one-user timing it holds (any entry with "p50_ms").
 
     python bench/plot.py
     python bench/plot.py --results-dir bench/results --output-dir bench/results/plots
@@ -246,23 +246,22 @@ def plot_quality(quality: dict, output_dir: Path) -> Path | None:
 
 
 def speed_rows(speed: dict) -> list[tuple[str, float]]:
-    """(label, p50 ms) pairs from any list of dicts in speed.json that carry a label and a p50 latency."""
+    """(label, p50 ms) of every one-user timing (a dict with "p50_ms") anywhere in speed.json, labelled by its path."""
     found = []
 
-    def visit(node: Any, trail: str) -> None:
+    def visit(node: Any, trail: list[str]) -> None:
         if isinstance(node, dict):
-            p50 = node.get("p50_ms", node.get("median_ms"))
-            label = node.get("label") or node.get("name") or node.get("config") or trail
-            if isinstance(p50, (int, float)) and label:
-                found.append((str(label), float(p50)))
+            if isinstance(node.get("p50_ms"), (int, float)):
+                label = node.get("label") or node.get("name") or " / ".join(part for part in trail if part not in ("sections", "details"))
+                found.append((str(label), float(node["p50_ms"])))
                 return
             for key, value in node.items():
-                visit(value, f"{trail} {key}".strip())
+                visit(value, [*trail, str(key)])
         elif isinstance(node, list):
             for position, value in enumerate(node):
-                visit(value, f"{trail} {position}".strip())
+                visit(value, [*trail, str(position)])
 
-    visit({key: value for key, value in speed.items() if key not in ("machine", "run")}, "")
+    visit({key: value for key, value in speed.items() if key not in ("machine", "run")}, [])
     return found
 
 
@@ -270,13 +269,13 @@ def plot_speed(speed: dict, output_dir: Path) -> Path | None:
     """Horizontal bars of p50 latency per configuration found in speed.json."""
     rows = speed_rows(speed)
     if not rows:
-        logger.info("Skipping speed: no entries with p50_ms / median_ms found in speed.json.")
+        logger.info("Skipping speed: no entries with p50_ms found in speed.json.")
         return None
     figure, axis = plt.subplots(figsize=(7.0, 0.35 * len(rows) + 1.5))
     axis.barh(range(len(rows)), [value for _, value in rows], color="tab:blue")
     axis.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=7)
     axis.invert_yaxis()
-    axis.set(xscale="log", xlabel="p50 ms", title="Speed benchmark (speed.json)")
+    axis.set(xscale="log", xlabel="p50 ms, one user per call", title="Speed benchmark (speed.json)")
     axis.grid(True, axis="x", which="both", alpha=0.3)
     return _save(figure, output_dir / "speed_p50.png")
 
