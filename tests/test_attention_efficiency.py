@@ -278,3 +278,14 @@ def test_finetune_with_summary_checkpointing_bf16_and_hnsw_trains_and_serves(tmp
     assert recommender.pipeline.index.index_type == "hnsw" and recommender.pipeline.index.params["M"] == 8
     long_history = recommender.item_ids[:12]
     assert len(recommender.recommend(long_history, k=5)) == 5
+
+
+def test_length_chunked_text_encoding_equals_one_padded_batch(model):
+    input_ids = torch.randint(1, 50, (9, 12))
+    attention_mask = torch.ones_like(input_ids)
+    for row, length in enumerate([12, 3, 7, 1, 12, 5, 9, 2, 4]):
+        attention_mask[row, length:] = 0
+    with torch.no_grad():
+        together = model.encode_item_texts(input_ids, attention_mask)
+        chunked = model._encode_texts_by_length(input_ids, attention_mask, chunk_size=4)
+    torch.testing.assert_close(chunked, together, atol=1e-5, rtol=1e-5)

@@ -530,6 +530,22 @@ class LlmRecModel(LlmRecPreTrainedModel):
     def encode_item_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.item_encoder(input_ids, attention_mask)
 
+    def _encode_texts_by_length(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int = 128
+    ) -> torch.Tensor:
+        """`encode_item_texts` in chunks of similar length, each cut to its own longest text.
+
+        A LoRA step re-encodes a few hundred to thousands of item texts; padded together to the longest,
+        most of the encoder's work (forward and backward) would go into padding.
+        """
+        lengths = attention_mask.sum(dim=1)
+        order = torch.argsort(lengths)
+        pooled = []
+        for chunk in order.split(chunk_size):
+            width = max(1, int(lengths[chunk].max()))
+            pooled.append(self.encode_item_texts(input_ids[chunk, :width], attention_mask[chunk, :width]))
+        return torch.cat(pooled)[torch.argsort(order)]
+
     @torch.no_grad()
     def add_items(self, text_embeddings: torch.Tensor) -> None:
         """Grow the catalogue by items known only by their text (cold items: no learned ID embedding).
@@ -694,7 +710,7 @@ class LlmRecModel(LlmRecPreTrainedModel):
         row_of_item[rows] = torch.arange(len(rows), device=device)
         text_embeddings = None
         if text_inputs is not None:  # LoRA: the batch's texts re-encoded with gradient, the rest from the cache
-            fresh = self.encode_item_texts(text_inputs["input_ids"], text_inputs["attention_mask"])
+            fresh = self._encode_texts_by_length(text_inputs["input_ids"], text_inputs["attention_mask"])
             text_embeddings = self.item_text_embeddings[rows].to(fresh.dtype)
             text_embeddings = text_embeddings.index_copy(0, row_of_item[text_inputs["item_indices"]], fresh)
         return self.item_embeddings(text_embeddings, rows=rows), row_of_item
@@ -766,7 +782,7 @@ class LlmRecModel(LlmRecPreTrainedModel):
         """The cached catalogue text embeddings with the rows in `text_inputs` re-encoded (with gradient), for LoRA."""
         if text_inputs is None:
             return None
-        fresh = self.encode_item_texts(text_inputs["input_ids"], text_inputs["attention_mask"])
+        fresh = self._encode_texts_by_length(text_inputs["input_ids"], text_inputs["attention_mask"])
         return self.item_text_embeddings.to(fresh.dtype).index_copy(0, text_inputs["item_indices"], fresh)
 
     def _retrieval_loss(
