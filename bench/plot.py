@@ -271,7 +271,7 @@ def plot_speed(speed: dict, output_dir: Path) -> Path | None:
     if not rows:
         logger.info("Skipping speed: no entries with p50_ms found in speed.json.")
         return None
-    figure, axis = plt.subplots(figsize=(7.0, 0.35 * len(rows) + 1.5))
+    figure, axis = plt.subplots(figsize=(9.0, 0.35 * len(rows) + 1.5))
     axis.barh(range(len(rows)), [value for _, value in rows], color="tab:blue")
     axis.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=7)
     axis.invert_yaxis()

@@ -455,7 +455,16 @@ def machine_info() -> dict:
         "git_commit": commit,
         "git_dirty": dirty,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_at_start": _load_average(),
     }
+
+
+def _load_average() -> list[float] | None:
+    """1/5/15-minute load: timings from a machine busy with other work are noisy, and this says how busy."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def index_params(index_type: str, args: argparse.Namespace) -> dict:
@@ -566,6 +575,7 @@ def main() -> None:
         run_size(real, num_items, args, pools, results)
         gc.collect()
 
+    results["machine"]["load_average_at_end"] = _load_average()
     results["target"] = target_verdict(results)
     results["run"] = {"command": "python bench/scaling.py " + " ".join(shlex.quote(argument) for argument in sys.argv[1:]),
                       "wall_seconds": round(time.perf_counter() - started, 1), "top_k": TOP_K,
@@ -634,7 +644,9 @@ def render_markdown(results: dict) -> str:
         f"`{results['run']['command']}` — wall time {results['run']['wall_seconds'] / 60:.1f} min, {machine['date']}.",
         f"{machine['cpu']}, {machine['logical_cores']} logical cores (torch {machine['torch_threads']} threads, FAISS "
         f"{machine['faiss_threads']}); torch {machine['torch']}, faiss {machine['faiss']}, Python {machine['python']}; "
-        f"code {machine['git_commit']}{' + uncommitted changes' if machine['git_dirty'] else ''}.",
+        f"code {machine['git_commit']}{' + uncommitted changes' if machine['git_dirty'] else ''}"
+        + (f"; load average {machine['load_average_at_start'][0]} at start, {machine['load_average_at_end'][0]} at end."
+           if machine.get("load_average_at_start") and machine.get("load_average_at_end") else "."),
         "",
         _vectors_paragraph(vectors),
         "",
