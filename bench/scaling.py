@@ -459,6 +459,14 @@ def machine_info() -> dict:
     }
 
 
+def _relative(path: Path) -> str:
+    """A path inside the repository as written from its root, so results do not carry one machine's folders."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def _load_average() -> list[float] | None:
     """1/5/15-minute load: timings from a machine busy with other work are noisy, and this says how busy."""
     try:
@@ -553,7 +561,7 @@ def main() -> None:
         vectors = {"noise": args.noise, "noise_scale": args.noise_scale}
     vectors.update({"real_items": len(real.item_vectors), "dim": int(real.item_vectors.shape[1]), "mix_probability": MIX_PROBABILITY,
                     "mix_neighbours": MIX_NEIGHBOURS, "max_mix_fraction": MAX_MIX_FRACTION, "noise_neighbours": NOISE_NEIGHBOURS,
-                    "model": str(args.model)})
+                    "model": _relative(args.model)})
     model_config = real.recommender.model.config
     results: dict[str, Any] = {
         "machine": machine_info(),
