@@ -324,8 +324,20 @@ def rebuild_index(model_folder: Path, output: Path) -> "Recommender":
         model = LlmRecModel.from_pretrained(output, use_safetensors=True)
     except Exception as error:  # corrupt weights: the index cannot be rebuilt from them
         raise ModelFolderError(f"Could not load the model weights in {output} to rebuild the index ({error}).") from error
-    build_item_index(model).save(output / INDEX_FILE)
+    index_type, params = _recorded_index_type(output / INDEX_FILE)
+    build_item_index(model, index_type, **params).save(output / INDEX_FILE)
     return _load(str(output))
+
+
+def _recorded_index_type(index_path: Path) -> tuple[str, dict[str, Any]]:
+    """The index type and parameters the old index's sidecar records, so a rebuild keeps them (flat if unreadable)."""
+    from .retrieval.index import sidecar_path
+
+    try:
+        meta = json.loads(sidecar_path(index_path).read_text(encoding="utf-8"))
+        return str(meta.get("index_type", "flat")), dict(meta.get("params") or {})
+    except (OSError, ValueError, TypeError):
+        return "flat", {}
 
 
 def command_index(arguments: argparse.Namespace) -> int:

@@ -204,6 +204,18 @@ def test_index_rebuild_repairs_a_stale_index(capsys, model_copy, recommender, us
     assert_ranked_equal(_records(repaired.recommend(user_history, k=5)), recommender.recommend(user_history, k=5))
 
 
+def test_index_rebuild_keeps_an_approximate_index_type(capsys, model_copy, recommender):
+    from llmrec.recommender import INDEX_FILE
+    from llmrec.retrieval import ItemIndex
+
+    vectors = recommender.pipeline.item_embeddings[1:].float().numpy()
+    ItemIndex.build(vectors, index_type="hnsw", M=8, efSearch=50).save(model_copy / INDEX_FILE)
+    code, _, _ = run_cli(capsys, "index", model_copy, "--rebuild")
+    assert code == 0
+    rebuilt = ItemIndex.load(model_copy / INDEX_FILE)
+    assert rebuilt.index_type == "hnsw" and rebuilt.params["M"] == 8 and rebuilt.params["efSearch"] == 50
+
+
 def test_index_reports_missing_columns(capsys, model_copy, tmp_path):
     items_file = tmp_path / "new.csv"
     items_file.write_text("id,title\nnew-1,something\n")

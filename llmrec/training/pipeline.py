@@ -127,7 +127,7 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
     model = accelerator.unwrap_model(trainer.model)
 
     stage_start = time.perf_counter()
-    pipeline = trainer.candidate_pipeline()
+    pipeline = trainer.candidate_pipeline(serving_index=True)
     systems = {
         "popularity": popularity_scores(popularity),
         "retrieval": retrieval_score_function(pipeline, split.num_items),

@@ -578,14 +578,14 @@ class LlmRecTrainer:
 
     # ----- evaluation --------------------------------------------------------------------------------
 
-    def candidate_pipeline(self) -> CandidatePipeline:
+    def candidate_pipeline(self, serving_index: bool = False) -> CandidatePipeline:
+        """FAISS + reranker over the current model. Training (hard negatives) and validation search exactly;
+        `serving_index=True` builds the configured `retrieval.index_type`, the index the saved model serves
+        from and the one its test metrics are measured with."""
         model = self.accelerator.unwrap_model(self.model)
-        return CandidatePipeline(
-            model,
-            build_item_index(model, self.config.retrieval.index_type, **self.config.retrieval.index_params()),
-            self.config.retrieval.num_candidates,
-            self.config.retrieval.exclude_history,
-        )
+        retrieval = self.config.retrieval
+        index = build_item_index(model, retrieval.index_type, **retrieval.index_params()) if serving_index else build_item_index(model)
+        return CandidatePipeline(model, index, retrieval.num_candidates, retrieval.exclude_history)
 
     def dense_retrieval_scores(self) -> Callable:
         """Exact cosine scores over the whole catalogue; ranks as the flat FAISS index does (cheap for validation)."""
