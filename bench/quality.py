@@ -332,16 +332,22 @@ def _cell(summary: dict, digits: int = 4) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
 
 
+def _duration(seconds: dict) -> str:
+    if seconds["mean"] < 60:
+        return _cell(seconds, 2) + " s"
+    return _cell({**seconds, "mean": seconds["mean"] / 60, "std": seconds["std"] / 60}, 1) + " min"
+
+
 def render_table(results: dict) -> str:
     header = ["system (test)", "HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "valid NDCG@10", "seeds",
-              "train time (s)", "peak RSS (MB)"]
+              "train time", "peak RSS (MB)"]
     lines = ["| " + " | ".join(header) + " |", "| --- " * len(header) + "|"]
     for row in results["rows"]:
         summary = row["summary"]
         seconds = summary["train_seconds"]
         cells = [row["label"], *(_cell(summary[f"test {metric}"]) for metric in METRICS), _cell(summary["valid ndcg@10"]),
                  str(len(row["per_seed"])) if row["stage"] else "–",
-                 _cell(seconds, 0) if seconds["mean"] >= 10 else _cell(seconds, 2), _cell(summary["peak_rss_mb"], 0)]
+                 _duration(seconds), _cell(summary["peak_rss_mb"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -351,13 +357,21 @@ def render_markdown(results: dict) -> str:
     knn = results["systems"].get("itemknn", {}).get("chosen")
     commits = sorted({seed_run["subprocess"]["commit"] or "unknown" for system in LEARNED_SYSTEMS
                       for seed_run in results["systems"].get(system, {}).get("runs", [])})
+    seeds = ", ".join(map(str, run["seeds"]))
+    spread = f"mean ± sample std over seeds {seeds}" if len(run["seeds"]) > 1 else f"seed {seeds}"
     notes = [
         f"MovieLens-100k, leave-one-out by time, full ranking over {results['protocol']['num_items']:,} items with "
-        f"each user's history removed, {results['protocol']['test_users']} test users. Learned systems: mean ± "
-        f"sample std over seeds {', '.join(map(str, run['seeds']))}; popularity and ItemKNN are deterministic.",
+        f"each user's history removed, {results['protocol']['test_users']} test users. Learned systems: {spread}; "
+        "popularity and ItemKNN are deterministic. Hybrid retrieval and retrieval + rerank are the same runs.",
         "Train time: data + catalogue encoding + stage 1 (+ stage 2 for rerank) from each run's `eval_results.json`; "
-        "peak RSS of the training process. Hybrid retrieval and retrieval + rerank are the same runs.",
+        "peak RSS of the training process.",
     ]
+    loads = [value for system in LEARNED_SYSTEMS for seed_run in results["systems"].get(system, {}).get("runs", [])
+             for value in (seed_run["subprocess"].get("load_average_1min") or {}).values()]
+    if loads:
+        notes[-1] += (f" Wall times depend on what else runs: the 1-minute load average sampled at the start and end "
+                      f"of the training runs was {min(loads):.1f}–{max(loads):.1f} on {machine['cpu_cores']} cores "
+                      "(CPU seconds per run are in the JSON).")
     if knn:
         neighbors = knn["num_neighbors"] or "all"
         notes.append(f"ItemKNN: {neighbors} neighbours, shrinkage {knn['shrinkage']:g}, chosen on valid NDCG@10.")
