@@ -22,7 +22,7 @@ from .errors import InvalidRequestError, LlmRecError, ModelFolderError, UnknownI
 from .hub import EVAL_RESULTS_FILE, MODEL_CARD_FILE, TRAINING_CONFIG_FILE, push_to_hub, read_run_metadata, render_model_card
 from .modeling import MODEL_FORMAT_VERSION, LlmRecModel, split_histories
 from .modeling.modeling_llmrec import ENCODER_ADAPTER_FOLDER
-from .modeling.precision import check_precision, check_quantize, quantize_int8
+from .modeling.precision import cast_encoder_bf16, check_precision, check_quantize, quantize_int8
 from .modeling.text_encoding import embed_item_texts
 from .retrieval import CandidatePipeline, ItemIndex, build_item_index
 from .utils.io import atomic_write, restore_interrupted_replace, write_json_atomic
@@ -45,9 +45,9 @@ class Recommender:
     """Recommend, rerank and explain with raw item ids (strings), best first.
 
     Serving reads cached item representations and reranker projections (`CandidatePipeline`); BERT runs
-    only for text: items added with `add_items` and user profiles. `precision="bf16"` runs that text
-    encoding under bf16 autocast (GPU, or a CPU with bf16 instructions); `quantize="int8"` (CPU) makes
-    the encoder and the reranking head's MLPs dynamic int8 (`llmrec.modeling.precision`).
+    only for text: items added with `add_items` and user profiles. `precision="bf16"` keeps the text
+    encoder's weights in bf16 (GPU, or a CPU with bf16 instructions); `quantize="int8"` (CPU) makes the
+    encoder and the reranking head's MLPs dynamic int8 (`llmrec.modeling.precision`).
 
     Thread safety: `recommend`, `rerank`, `explain` and their batch forms only read, under
     `torch.inference_mode`, so one instance can serve many threads. `add_items` builds the grown index
@@ -96,7 +96,11 @@ class Recommender:
         self.training_config = training_config
         self.precision = check_precision(precision)
         self.quantize = check_quantize(quantize, self.model.item_text_embeddings.device)
+        if self.quantize is not None and self.precision != "fp32":
+            raise ValueError("Choose one of precision='bf16' and quantize='int8'; int8 quantises fp32 weights.")
         self.pipeline = CandidatePipeline(model, index, num_candidates=model.config.num_candidates)
+        if self.precision == "bf16":
+            cast_encoder_bf16(self.model.item_encoder)
         if self.quantize == "int8":
             # After the serving cache is built, so cached catalogue rows stay exact; the head's attention
             # projections are cached, so only its per-request MLPs are worth quantising.
@@ -228,10 +232,11 @@ class Recommender:
         """
         from . import __version__
 
-        if self.quantize is not None:
+        if self.quantize is not None or self.precision != "fp32":
             raise InvalidRequestError(
-                f"This recommender was loaded with quantize={self.quantize!r} for serving; its int8 weights are not "
-                "saved. Load the folder without quantize to save or push it."
+                f"This recommender was loaded for serving with reduced precision (precision={self.precision!r}, "
+                f"quantize={self.quantize!r}); its weights are not saved. Load the folder without those options "
+                "to save or push it."
             )
         save_directory = Path(save_directory).expanduser().resolve()
         if save_directory.exists() and not save_directory.is_dir():
@@ -314,7 +319,7 @@ class Recommender:
         if not item_ids:
             return
         with self._write_lock:
-            text_embeddings = embed_item_texts(self.model, self.tokenizer, item_texts, batch_size, self.precision)
+            text_embeddings = embed_item_texts(self.model, self.tokenizer, item_texts, batch_size)
             start = self.num_items + 1
             # Readers see the new ids only once everything they point to exists.
             self.model.add_items(text_embeddings)
@@ -454,7 +459,7 @@ class Recommender:
         if all(profile is None for profile in profiles):
             return self.pipeline.user_embeddings(histories)
         texts = [profile if profile is not None else "" for profile in profiles]
-        profile_embeddings = embed_item_texts(self.model, self.tokenizer, texts, precision=self.precision)
+        profile_embeddings = embed_item_texts(self.model, self.tokenizer, texts)
         has_profile = torch.tensor([profile is not None for profile in profiles], device=profile_embeddings.device)
         window, older = split_histories(histories, self.model.config.max_history_length, self.pipeline.device)
         return self.model.encode_users(window, self.pipeline.item_embeddings, profile_embeddings, has_profile, older)[:, -1]

@@ -289,3 +289,24 @@ def test_length_chunked_text_encoding_equals_one_padded_batch(model):
         together = model.encode_item_texts(input_ids, attention_mask)
         chunked = model._encode_texts_by_length(input_ids, attention_mask, chunk_size=4)
     torch.testing.assert_close(chunked, together, atol=1e-5, rtol=1e-5)
+
+
+def test_reduced_precision_recommenders_serve_and_refuse_to_save(trained_run, tmp_path):
+    from llmrec import Recommender
+    from llmrec.errors import InvalidRequestError
+
+    folder, _ = trained_run
+    fp32 = Recommender.from_pretrained(folder)
+    history = fp32.item_ids[:5]
+    expected = [item for item, _ in fp32.recommend(history, k=10)]
+    for options in ({"precision": "bf16"}, {"quantize": "int8"}):
+        recommender = Recommender.from_pretrained(folder, **options)
+        got = [item for item, _ in recommender.recommend(history, k=10)]
+        assert len(set(got) & set(expected)) >= 7, options  # the catalogue cache is exact; only the head/encoder change
+        recommender.add_items(["brand-new"], ["a new title genre 1"])
+        assert recommender.recommend(history, k=200)  # new items encoded at reduced precision
+        with pytest.raises(InvalidRequestError, match="reduced precision"):
+            recommender.save_pretrained(tmp_path / "copy")
+    assert next(Recommender.from_pretrained(folder, precision="bf16").model.item_encoder.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="Choose one of"):
+        Recommender.from_pretrained(folder, precision="bf16", quantize="int8")

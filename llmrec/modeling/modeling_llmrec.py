@@ -367,7 +367,8 @@ class ItemTextEncoder(nn.Module):
         return self.backbone.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Pooled in fp32 even when the encoder runs in bf16: a sum over tokens is where bf16 loses digits.
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
         if self.pooling == "cls":
             return hidden[:, 0]
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
