@@ -346,7 +346,7 @@ def render_table(results: dict) -> str:
         summary = row["summary"]
         seconds = summary["train_seconds"]
         cells = [row["label"], *(_cell(summary[f"test {metric}"]) for metric in METRICS), _cell(summary["valid ndcg@10"]),
-                 str(len(row["per_seed"])) if row["stage"] else "–",
+                 ", ".join(str(seed["seed"]) for seed in row["per_seed"]) if row["stage"] else "–",
                  _duration(seconds), _cell(summary["peak_rss_mb"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -355,14 +355,11 @@ def render_table(results: dict) -> str:
 def render_markdown(results: dict) -> str:
     machine, run = results["machine"], results["run"]
     knn = results["systems"].get("itemknn", {}).get("chosen")
-    commits = sorted({seed_run["subprocess"]["commit"] or "unknown" for system in LEARNED_SYSTEMS
-                      for seed_run in results["systems"].get(system, {}).get("runs", [])})
-    seeds = ", ".join(map(str, run["seeds"]))
-    spread = f"mean ± sample std over seeds {seeds}" if len(run["seeds"]) > 1 else f"seed {seeds}"
     notes = [
         f"MovieLens-100k, leave-one-out by time, full ranking over {results['protocol']['num_items']:,} items with "
-        f"each user's history removed, {results['protocol']['test_users']} test users. Learned systems: {spread}; "
-        "popularity and ItemKNN are deterministic. Hybrid retrieval and retrieval + rerank are the same runs.",
+        f"each user's history removed, {results['protocol']['test_users']} test users. Learned systems: mean ± "
+        "sample std over the seeds listed; popularity and ItemKNN are deterministic. Hybrid retrieval and "
+        "retrieval + rerank are the same runs.",
         "Train time: data + catalogue encoding + stage 1 (+ stage 2 for rerank) from each run's `eval_results.json`; "
         "peak RSS of the training process.",
     ]
@@ -372,13 +369,21 @@ def render_markdown(results: dict) -> str:
         notes[-1] += (f" Wall times depend on what else runs: the 1-minute load average sampled at the start and end "
                       f"of the training runs was {min(loads):.1f}–{max(loads):.1f} on {machine['cpu_cores']} cores "
                       "(CPU seconds per run are in the JSON).")
+    runs_by_system = {system: results["systems"][system]["runs"] for system in LEARNED_SYSTEMS
+                      if results["systems"].get(system, {}).get("runs")}
+    if runs_by_system:
+        notes.append("Training runs (`scripts/finetune.py`, default config): " + "; ".join(
+            f"{system}: code {', '.join(sorted({str(seed_run['subprocess']['commit']) for seed_run in runs}))}, "
+            f"training.cpu_threads {', '.join(sorted({str(seed_run['cpu_threads'] or 'null') for seed_run in runs}))}"
+            for system, runs in runs_by_system.items()
+        ) + " (null = both cores).")
     if knn:
         neighbors = knn["num_neighbors"] or "all"
         notes.append(f"ItemKNN: {neighbors} neighbours, shrinkage {knn['shrinkage']:g}, chosen on valid NDCG@10.")
     if run["extra_overrides"]:
         notes.append(f"Extra overrides on every training run: `{run['extra_overrides']}`.")
     notes.append(f"{machine['cpu_model']}, {machine['cpu_cores']} cores, torch {machine['torch']}, "
-                 f"Python {machine['python']}; code {', '.join(commits) or '–'}; finished {run['finished']}; "
+                 f"Python {machine['python']}; finished {run['finished']}; "
                  f"`{run['command']}`.")
     return "# Quality on MovieLens-100k\n\n" + render_table(results) + "\n\n" + "\n\n".join(notes) + "\n"
 
