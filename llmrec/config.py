@@ -47,6 +47,17 @@ class DataConfig:
         default="{movie_title} ({release_year}). Genres: {class}",
         metadata={"help": "Python format string over item-file columns that renders each item's text."},
     )
+    users_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "User attributes (csv/tsv/jsonl/parquet; a *.user file is read as RecBole's, u.user as "
+                  "MovieLens') rendered into profile texts, one row per user keyed by user_column. None = the "
+                  "data set's own file if it has one (RecBole {dataset_name}.user, MovieLens u.user)."},
+    )
+    user_profile_template: str = field(
+        default="{age}-year-old {gender} {occupation}",
+        metadata={"help": "Python format string over users-file columns that renders each user's profile text; "
+                  "M/F in a 'gender' or 'sex' column read 'male'/'female'."},
+    )
     rating_threshold: Optional[float] = field(
         default=None,
         metadata={"help": "Keep only interactions rated >= this; None = every interaction is implicit feedback."},
@@ -182,6 +193,11 @@ class ModelSettings:
         metadata={"help": "Represent items by their projected text embedding; false = ID-only model (items "
                   "without interactions then have untrained random vectors)."},
     )
+    use_user_profiles: bool = field(
+        default=False,
+        metadata={"help": "Read each user's profile text (data.users_file) as a leading token of the history; "
+                  "its projection is fitted after training with the towers frozen (training.profile_*)."},
+    )
     exclude_unseen_items_from_loss: bool = field(
         default=True,
         metadata={"help": "Leave items without training interactions out of the training softmax, as if added "
@@ -248,17 +264,21 @@ class TrainingSettings:
     rerank_positions_per_user: int = field(
         default=8, metadata={"help": "Most recent training positions per user that become rerank examples."}
     )
+    # User profiles (model.use_user_profiles): fitted after both stages, towers and head frozen.
+    profile_epochs: int = field(default=20, metadata={"help": "Epochs fitting the profile projection."})
+    profile_learning_rate: float = 1e-2
     weight_decay: float = 0.0
     encode_batch_size: int = 256
 
     def validate(self) -> None:
         _check_choice("training.mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
         _check_choice("training.loss", self.loss, ["auto", "full_softmax", "sampled_softmax"])
-        for name in ("retrieval_learning_rate", "rerank_learning_rate"):
+        for name in ("retrieval_learning_rate", "rerank_learning_rate", "profile_learning_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"training.{name} must be positive, got {getattr(self, name)}.")
         for name in ("gradient_accumulation_steps", "eval_every_epochs", "retrieval_batch_size",
-                     "rerank_batch_size", "encode_batch_size", "rerank_positions_per_user", "num_sampled_negatives"):
+                     "rerank_batch_size", "encode_batch_size", "rerank_positions_per_user", "num_sampled_negatives",
+                     "profile_epochs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"training.{name} must be positive, got {getattr(self, name)}.")
         if self.cpu_threads is not None and self.cpu_threads <= 0:

@@ -36,12 +36,15 @@ def value_to_text(value: Any) -> str:
     return str(value)
 
 
-def template_fields(template: str) -> list[str]:
-    """Column names a template refers to ('{movie_title} ({release_year})' -> ['movie_title', 'release_year'])."""
+def template_fields(template: str, setting: str = "item_text_template", example: str = "{title}") -> list[str]:
+    """Column names a template refers to ('{movie_title} ({release_year})' -> ['movie_title', 'release_year']).
+
+    `setting` names the config field the template came from, for the error message.
+    """
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as error:
-        raise DataError(f"data.item_text_template {template!r} is not a valid format string: {error}") from None
+        raise DataError(f"data.{setting} {template!r} is not a valid format string: {error}") from None
     fields = []
     for _, field_name, _, _ in parsed:
         if field_name is None:
@@ -49,8 +52,8 @@ def template_fields(template: str) -> list[str]:
         root = field_name.split(".", 1)[0].split("[", 1)[0]
         if root == "" or root.isdigit():
             raise DataError(
-                f"data.item_text_template {template!r} has a positional field '{{{field_name}}}'; "
-                "every field must name an item column, e.g. '{title}'."
+                f"data.{setting} {template!r} has a positional field '{{{field_name}}}'; "
+                f"every field must name a column of the file, e.g. '{example}'."
             )
         if root not in fields:
             fields.append(root)

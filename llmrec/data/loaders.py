@@ -1,4 +1,4 @@
-"""Load interactions and item metadata from any supported layout into one canonical form.
+"""Load interactions, item metadata and user attributes from any supported layout into one canonical form.
 
 Whatever the source (RecBole atomic files, the official MovieLens folder, csv/tsv/jsonl/parquet),
 the result has the same columns, so splitting, training and evaluation never care where the
@@ -22,8 +22,9 @@ import pandas as pd
 from ..config import DataConfig
 from ..errors import DataError
 from .item_text import render_item_texts, value_to_text
-from .readers import (ColumnNames, RawTables, delimiter_setting, guess_delimiter, read_movielens, read_recbole,
-                      read_table)
+from .readers import (ColumnNames, RawTables, delimiter_setting, guess_delimiter, read_movielens, read_movielens_users,
+                      read_recbole, read_recbole_users, read_table)
+from .user_text import render_user_profiles
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,23 @@ _EXTENSION_FORMATS = {
 
 @dataclass
 class InteractionData:
-    """Canonical interactions (user_id, item_id, timestamp[, rating], in file order) and items (item_id, text, ...)."""
+    """Canonical interactions (user_id, item_id, timestamp[, rating], in file order) and items (item_id, text, ...).
+
+    `users` (user_id, profile, attribute columns) is there when a users file was read; `profile` is ""
+    for a user whose profile rendered empty. `users_note` says why there is none otherwise.
+    """
 
     interactions: datasets.Dataset
     items: datasets.Dataset
+    users: Optional[datasets.Dataset] = None
+    users_note: Optional[str] = None
+
+    @property
+    def user_profiles(self) -> dict[str, str]:
+        """User id -> profile text, for the users that have one (a user without a row has none)."""
+        if self.users is None:
+            return {}
+        return {user_id: profile for user_id, profile in zip(self.users["user_id"], self.users["profile"]) if profile}
 
 
 def load_interaction_data(config: DataConfig) -> InteractionData:
@@ -51,7 +65,12 @@ def load_interaction_data(config: DataConfig) -> InteractionData:
     renders empty get their item id as text; texts longer than ``data.max_item_text_chars`` are cut.
     Timestamps may be numbers (e.g. Unix seconds) or ISO 8601 dates/times (naive ones read as UTC).
     Anything else wrong raises :class:`DataError` naming the file, row or column and the fix.
-    """
+
+    User profiles come from ``data.users_file``, else from the layout's own users file (RecBole
+    ``{dataset_name}.user``, MovieLens ``u.user``), rendered with ``data.user_profile_template``. A file named
+    in the config must be usable (:class:`DataError` otherwise); one found next to the data that does not fit
+    the template is skipped with a warning, so that data sets whose users file nobody asked for still load.
+"""
     config.validate()
     raw = _read_raw_tables(config)
     interactions = _canonical_interactions(raw)
@@ -72,10 +91,14 @@ def load_interaction_data(config: DataConfig) -> InteractionData:
     if "rating" in interactions.columns:
         interaction_features["rating"] = datasets.Value("float64")
     item_features = {name: datasets.Value("string") for name in items.columns}
+    users, users_note = _load_users(config, raw)
     return InteractionData(
         interactions=datasets.Dataset.from_pandas(
             interactions, preserve_index=False, features=datasets.Features(interaction_features)),
         items=datasets.Dataset.from_pandas(items, preserve_index=False, features=datasets.Features(item_features)),
+        users=None if users is None else datasets.Dataset.from_pandas(
+            users, preserve_index=False, features=datasets.Features({name: datasets.Value("string") for name in users.columns})),
+        users_note=users_note,
     )
 
 
@@ -326,6 +349,62 @@ def _canonical_items(raw: RawTables, template: str, max_text_chars: Optional[int
         items = items[~duplicated].reset_index(drop=True)
     items.insert(1, "text", render_item_texts(items, template, source, max_text_chars))
     return items
+
+
+def _load_users(config: DataConfig, raw: RawTables) -> tuple[Optional[pd.DataFrame], Optional[str]]:
+    """Canonical users (user_id, profile, attributes) and, when there are none, why."""
+    if config.users_file is not None:
+        path = _resolve_table_file(config.users_file, _data_folder(config), "users_file")
+        users = _canonical_users(_read_users_file(path, config), config.user_column, config.user_profile_template, str(path))
+        logger.info("Read %d user profiles from %s (e.g. %r).", len(users), path, users["profile"].iloc[0])
+        return users, None
+    if raw.users_file is None:
+        return None, (f"no users file was found next to {raw.interactions_source} and data.users_file is not set")
+    try:
+        users = _canonical_users(_read_users_file(raw.users_file, config), raw.columns.user,
+                                 config.user_profile_template, str(raw.users_file))
+    except DataError as error:
+        logger.warning("Not using the users file %s found next to the data: %s", raw.users_file, error)
+        return None, f"the users file {raw.users_file} found next to the data could not be used: {error}"
+    logger.info("Read %d user profiles from %s (e.g. %r).", len(users), raw.users_file, users["profile"].iloc[0])
+    return users, None
+
+
+def _data_folder(config: DataConfig) -> Optional[Path]:
+    """What relative file settings resolve against: data.path, or its folder when it names a file."""
+    if config.path is None:
+        return None
+    base = Path(config.path).expanduser()
+    return base.parent if base.is_file() else base
+
+
+def _read_users_file(path: Path, config: DataConfig) -> pd.DataFrame:
+    """u.user as MovieLens' (pipe-separated, no header), other *.user files as RecBole's, the rest as tables."""
+    if path.name == "u.user":
+        return read_movielens_users(path)
+    if path.suffix == ".user":
+        return read_recbole_users(path, config.encoding)
+    table_format = config.format if config.format in _TABLE_FORMATS else _format_from_extension(path)
+    separator = config.field_delimiter(table_format) if config.delimiter is not None else None
+    return read_table(path, table_format, separator, config.encoding)
+
+
+def _canonical_users(frame: pd.DataFrame, id_column: str, template: str, source: str) -> pd.DataFrame:
+    if len(frame) == 0:
+        raise DataError(f"{source} has no users (only a header?); add one row per user, or unset data.users_file.")
+    _check_columns(frame, {"user_column": id_column}, source)
+    users = pd.DataFrame({"user_id": _parse_ids(frame[id_column], id_column, source)})
+    duplicated = users["user_id"].duplicated(keep=False)
+    if duplicated.any():
+        examples = users.loc[duplicated, "user_id"].unique()[:5].tolist()
+        raise DataError(f"{source} lists user id(s) {examples} more than once ({int(duplicated.sum())} rows); a user's "
+                        "profile must come from one row. Remove or merge the duplicate rows.")
+    for name in frame.columns:
+        if name not in (id_column, "user_id", "profile"):
+            users[str(name)] = frame[name].map(value_to_text).astype(str)
+    profiles = render_user_profiles(users, template, source)
+    users.insert(1, "profile", [profile or "" for profile in profiles])
+    return users
 
 
 def _apply_rating_threshold(interactions: pd.DataFrame, threshold: Optional[float], source: str) -> pd.DataFrame:

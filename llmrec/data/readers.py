@@ -29,6 +29,8 @@ MOVIELENS_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
     "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
 ]
+# Columns of RecBole's ml-100k.user; the official u.user gets the same names, so one profile template serves both.
+MOVIELENS_USER_COLUMNS = ["user_id", "age", "gender", "occupation", "zip_code"]
 _TITLE_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)\s*$")
 _RELEASE_DATE_YEAR = re.compile(r"(\d{4})\s*$")
 
@@ -45,13 +47,18 @@ class ColumnNames:
 
 @dataclass
 class RawTables:
-    """Raw interactions and items as read from disk, before validation."""
+    """Raw interactions and items as read from disk, before validation.
+
+    `users_file` is the layout's own user-attributes file when the folder has one (RecBole
+    `{dataset_name}.user`, MovieLens `u.user`); it is only located here and read by the loader.
+    """
 
     interactions: pd.DataFrame
     items: pd.DataFrame
     columns: ColumnNames
     interactions_source: str
     items_source: str
+    users_file: Optional[Path] = None
 
 
 _MOVIELENS_COLUMNS = ColumnNames()  # MovieLens readers already name their columns canonically
@@ -161,7 +168,23 @@ def read_recbole(folder: Path, dataset_name: str, columns: ColumnNames, encoding
     item_path = require_file(folder / f"{dataset_name}.item", "RecBole item file", fix)
     interactions = strip_recbole_types(read_delimited(inter_path, "\t", quoting=csv.QUOTE_NONE, encoding=encoding))
     items = strip_recbole_types(read_delimited(item_path, "\t", quoting=csv.QUOTE_NONE, encoding=encoding))
-    return RawTables(interactions, items, columns, str(inter_path), str(item_path))
+    users_path = folder / f"{dataset_name}.user"
+    return RawTables(interactions, items, columns, str(inter_path), str(item_path),
+                     users_path if users_path.is_file() else None)
+
+
+def read_recbole_users(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
+    """A RecBole ``.user`` atomic file (tab-separated, typed header such as ``user_id:token``)."""
+    return strip_recbole_types(read_delimited(path, "\t", quoting=csv.QUOTE_NONE, encoding=encoding))
+
+
+def read_movielens_users(path: Path) -> pd.DataFrame:
+    """The official ML-100k ``u.user`` (``user id | age | gender | occupation | zip code``, no header).
+
+    Columns get the names of RecBole's ml-100k.user. Like u.item it is read as UTF-8 with a latin-1 fallback.
+    """
+    return read_delimited(path, "|", quoting=csv.QUOTE_NONE, header=False, names=MOVIELENS_USER_COLUMNS,
+                          fallback_encoding="latin-1")
 
 
 def split_title_year(title: str) -> tuple[str, str]:
@@ -176,7 +199,9 @@ def read_movielens(folder: Path) -> RawTables:
     """Official MovieLens-100k (u.data/u.item) or MovieLens-1M (ratings.dat/movies.dat) folder.
 
     Items are converted to the columns of RecBole's ml-100k.item (item_id, movie_title, release_year,
-    class) so that one item-text template serves both layouts. The official files are latin-1; they are
+    class) so that one item-text template serves both layouts. ML-100k's u.user is located for user
+    profiles; ML-1M's users.dat is not (its ages and occupations are numeric codes, poor profile text;
+    point data.users_file at a decoded copy). The official files are latin-1; they are
     read as UTF-8 first so that a re-encoded copy does not turn 'Café' into 'CafÃ©'.
     """
     if (folder / "u.data").is_file():
@@ -209,7 +234,9 @@ def _read_movielens_100k(folder: Path) -> RawTables:
         genres = " ".join(genre for genre, flag in zip(MOVIELENS_GENRES, flags) if flag.strip() == "1")
         rows.append((record.item_id.strip(), title, year, genres))
     items = pd.DataFrame(rows, columns=["item_id", "movie_title", "release_year", "class"], dtype=str)
-    return RawTables(interactions, items, _MOVIELENS_COLUMNS, str(inter_path), str(item_path))
+    users_path = folder / "u.user"
+    return RawTables(interactions, items, _MOVIELENS_COLUMNS, str(inter_path), str(item_path),
+                     users_path if users_path.is_file() else None)
 
 
 def _read_movielens_1m(folder: Path) -> RawTables:

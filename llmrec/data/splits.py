@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Optional
 
 import numpy as np
 
@@ -51,6 +52,8 @@ class SequentialSplit:
     cold_item_indices: list[int] = field(default_factory=list)
     cold_user_indices: list[int] = field(default_factory=list)
     cold_test: EvaluationExamples = field(default_factory=EvaluationExamples)
+    # Profile text per user (aligned with user_ids; None = no profile); empty when the data has no users file.
+    user_profiles: list[Optional[str]] = field(default_factory=list)
 
     @property
     def num_items(self) -> int:
@@ -126,7 +129,19 @@ def build_split(data: InteractionData, config: DataConfig) -> SequentialSplit:
                 config.split, len(user_ids), len(item_ids), sum(map(len, train_sequences)), len(valid), len(test),
                 len(cold_test))
     return SequentialSplit(item_ids, item_texts, user_ids, train_sequences, valid, test,
-                           cold_item_indices=cold_items, cold_user_indices=cold_users, cold_test=cold_test)
+                           cold_item_indices=cold_items, cold_user_indices=cold_users, cold_test=cold_test,
+                           user_profiles=_aligned_profiles(data, user_ids))
+
+
+def _aligned_profiles(data: InteractionData, user_ids: list[str]) -> list[Optional[str]]:
+    profiles = data.user_profiles
+    if not profiles:
+        return []
+    aligned = [profiles.get(user_id) for user_id in user_ids]
+    missing = sum(profile is None for profile in aligned)
+    if missing:
+        logger.info("%d of %d users have no profile (no row in the users file, or an empty one).", missing, len(user_ids))
+    return aligned
 
 
 def _require_examples(config: DataConfig, valid: EvaluationExamples, test: EvaluationExamples, num_users: int) -> None:
