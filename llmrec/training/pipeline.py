@@ -12,14 +12,17 @@ from typing import Any, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..config import ConfigError, ExperimentConfig
-from ..data import build_split, load_interaction_data
+from ..data import EvaluationExamples, InteractionData, SequentialSplit, build_split, load_interaction_data
 from ..evaluation import evaluate_ranking, popularity_scores
+from ..evaluation.evaluator import ScoreFunction
 from ..modeling import LlmRecModel
 from ..modeling.text_encoding import encode_catalogue, tokenize_item_texts
 from ..recommender import Recommender
+from ..retrieval import CandidatePipeline
+from .profiles import embed_user_profiles, fit_user_profiles, profile_score_functions
 from .trainer import LlmRecTrainer, find_checkpoint, rerank_score_function, retrieval_score_function
 
 logger = logging.getLogger(__name__)
@@ -77,6 +80,11 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
 
     `resume_from` continues an interrupted run from a checkpoint folder, or from the most advanced one in
     `<output_dir>/checkpoints` if it is "latest"; the config must match the checkpoint's (ConfigError otherwise).
+
+    With `model.use_user_profiles`, the profile projection is fitted after both stages (towers and head
+    frozen, `training.profile_*`) on the users' profile texts, and a split with cold examples is evaluated
+    three ways: `cold_test` (their history alone, as without profiles), `cold_test_with_profile` (history +
+    profile) and, for `cold_users`, `cold_test_profile_only` (the cold users that have a profile, no history).
     """
     started = time.perf_counter()
     settings = config.training
@@ -97,13 +105,18 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
     stage_start = time.perf_counter()
     data = load_interaction_data(config.data)
     split = build_split(data, config.data)
+    if config.model.use_user_profiles:
+        _require_profiles(data, split)
     timings["data_seconds"] = time.perf_counter() - stage_start
     logger.info("Data: %d users, %d items, %d valid / %d test users.", len(split.user_ids), split.num_items, len(split.valid), len(split.test))
 
     stage_start = time.perf_counter()
     encoder_path = resolve_encoder(config)
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-    model_settings = {name: value for name, value in dataclasses.asdict(config.model).items() if name != "encoder"}
+    # The profile path is added after training (`enable_user_profiles`), so the stages and their checkpoints
+    # are those of a model without it.
+    model_settings = {name: value for name, value in dataclasses.asdict(config.model).items()
+                      if name not in ("encoder", "use_user_profiles")}
     model = LlmRecModel.from_encoder(
         encoder_path, num_items=split.num_items, num_candidates=config.retrieval.num_candidates, **model_settings
     ).to(accelerator.device)
@@ -125,6 +138,11 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
     best_rerank = trainer.train_reranker()
     timings.update(trainer.timings)
     model = accelerator.unwrap_model(trainer.model)
+    profiles = None
+    if config.model.use_user_profiles:
+        stage_start = time.perf_counter()
+        profiles = _fit_profiles(model, tokenizer, split, config)
+        timings["profile_training_seconds"] = time.perf_counter() - stage_start
 
     stage_start = time.perf_counter()
     pipeline = trainer.candidate_pipeline(serving_index=True)
@@ -134,16 +152,18 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
         "rerank": rerank_score_function(pipeline, split.num_items),
     }
     results: dict[str, Any] = {}
-    evaluated = [("valid", split.valid), ("test", split.test)]
+    evaluated = [("valid", split.valid, systems), ("test", split.test, systems)]
     if len(split.cold_test):  # cold_items / cold_users splits: the held-out items' or users' examples
-        evaluated.append(("cold_test", split.cold_test))
-    for split_name, examples in evaluated:
+        evaluated.append(("cold_test", split.cold_test, systems))
+        if profiles is not None:
+            evaluated += _profile_evaluations(split, pipeline, systems["popularity"], *profiles)
+    for split_name, examples, scorers in evaluated:
         results[split_name] = {
             name: evaluate_ranking(
                 score_fn, examples.histories, examples.targets, split.num_items, ks=config.evaluation.ks,
                 batch_size=config.evaluation.batch_size, desc=f"{split_name} {name}",
             )
-            for name, score_fn in systems.items()
+            for name, score_fn in scorers.items()
         }
         for name, metrics in results[split_name].items():
             logger.info("%s %-10s %s", split_name, name, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -171,3 +191,57 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def _require_profiles(data: InteractionData, split: SequentialSplit) -> None:
+    """Fail before training, not after it, when there is nothing to fit the profile path on."""
+    with_profile = [profile is not None for profile in split.user_profiles]
+    if any(has and sequence for has, sequence in zip(with_profile, split.train_sequences)):
+        return
+    reason = data.users_note or (f"{sum(with_profile)} users have a profile text, none of them with training "
+                                 "interactions (do the users file's ids match the interactions' user ids?)")
+    raise ConfigError(
+        f"model.use_user_profiles is on but there are no user profile texts to fit it on: {reason}. Set "
+        "data.users_file to a file with one row per user (and data.user_profile_template to its columns), "
+        "or set model.use_user_profiles: false."
+    )
+
+
+def _fit_profiles(
+    model: LlmRecModel, tokenizer: PreTrainedTokenizerBase, split: SequentialSplit, config: ExperimentConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the profile path to the trained model and fit it; returns every user's profile embedding and mask."""
+    settings = config.training
+    model.enable_user_profiles()
+    embeddings, has_profile = embed_user_profiles(model, tokenizer, split.user_profiles, settings.encode_batch_size)
+    # Only users with a profile teach the projection; the others' empty text is no profile.
+    sequences = [sequence if has else [] for sequence, has in zip(split.train_sequences, has_profile.tolist())]
+    logger.info("User profiles: fitting the profile projection on %d users for %d epochs (towers frozen).",
+                sum(1 for sequence in sequences if sequence), settings.profile_epochs)
+    fit_user_profiles(model, sequences, embeddings, epochs=settings.profile_epochs,
+                      learning_rate=settings.profile_learning_rate, batch_size=settings.retrieval_batch_size,
+                      seed=settings.seed)
+    return embeddings, has_profile
+
+
+def _profile_evaluations(
+    split: SequentialSplit, pipeline: CandidatePipeline, popularity: ScoreFunction, embeddings: torch.Tensor,
+    has_profile: torch.Tensor,
+) -> list[tuple[str, EvaluationExamples, dict[str, ScoreFunction]]]:
+    """The cold examples with each user's profile added, and (cold_users) the profile alone."""
+    cold = split.cold_test
+    rows = torch.as_tensor(cold.user_indices, dtype=torch.long)
+    evaluations = [("cold_test_with_profile", cold, {
+        "popularity": popularity, **profile_score_functions(pipeline, embeddings[rows], has_profile[rows], split.num_items)})]
+    if not split.cold_user_indices:
+        return evaluations
+    keep = [position for position, user in enumerate(cold.user_indices) if has_profile[user]]
+    if not keep:
+        logger.warning("No cold user has a profile; cold_test_profile_only is not evaluated.")
+        return evaluations
+    profile_only = EvaluationExamples([cold.user_indices[position] for position in keep], [[] for _ in keep],
+                                      [cold.targets[position] for position in keep])
+    rows = torch.as_tensor(profile_only.user_indices, dtype=torch.long)
+    evaluations.append(("cold_test_profile_only", profile_only, {
+        "popularity": popularity, **profile_score_functions(pipeline, embeddings[rows], has_profile[rows], split.num_items)}))
+    return evaluations
