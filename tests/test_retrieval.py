@@ -52,13 +52,16 @@ def test_normalize_gives_cosine_ranking_without_touching_the_input():
     np.testing.assert_array_equal(queries, queries_before)
 
 
-def test_exclude_removes_history_and_still_returns_k_items():
+@pytest.mark.parametrize("exclusion_path", ["dense table", "per-query isin"])
+def test_exclude_removes_history_and_still_returns_k_items(exclusion_path, monkeypatch):
+    if exclusion_path == "per-query isin":  # what batches too big for the dense table of seen flags take
+        monkeypatch.setattr("llmrec.retrieval.index.DENSE_EXCLUSION_MAX_CELLS", 0)
     rng = np.random.default_rng(2)
     items = rng.normal(size=(30, 6)).astype(np.float32)
     queries = rng.normal(size=(3, 6)).astype(np.float32)
     index = ItemIndex.build(items, normalize=False)
     _, unfiltered = index.search(queries, k=30)
-    exclude = [list(unfiltered[0, :5]), [], list(unfiltered[2, [0, 2, 4]]) + [0, 999]]
+    exclude = [list(unfiltered[0, :5]), [], list(unfiltered[2, [0, 2, 4]]) + [0, 999, -3]]
     scores, indices = index.search(queries, k=5, exclude=exclude)
     assert indices.shape == (3, 5)
     for row in range(3):
@@ -66,6 +69,9 @@ def test_exclude_removes_history_and_still_returns_k_items():
         assert indices[row].tolist() == allowed[:5]
         assert np.all(np.isfinite(scores[row]))
         assert np.all(np.diff(scores[row]) <= 0)
+        one_scores, one_indices = index.search(queries[row : row + 1], k=5, exclude=[exclude[row]])  # one-query path
+        assert one_indices[0].tolist() == indices[row].tolist()
+        np.testing.assert_allclose(one_scores[0], scores[row], rtol=1e-6)
 
 
 def test_k_larger_than_catalogue_pads_with_zero_and_minus_inf():
