@@ -138,10 +138,10 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
     best_rerank = trainer.train_reranker()
     timings.update(trainer.timings)
     model = accelerator.unwrap_model(trainer.model)
-    profiles = None
+    profile_embeddings = has_profile = profile_losses = None
     if config.model.use_user_profiles:
         stage_start = time.perf_counter()
-        profiles = _fit_profiles(model, tokenizer, split, config)
+        profile_embeddings, has_profile, profile_losses = _fit_profiles(model, tokenizer, split, config)
         timings["profile_training_seconds"] = time.perf_counter() - stage_start
 
     stage_start = time.perf_counter()
@@ -155,8 +155,8 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
     evaluated = [("valid", split.valid, systems), ("test", split.test, systems)]
     if len(split.cold_test):  # cold_items / cold_users splits: the held-out items' or users' examples
         evaluated.append(("cold_test", split.cold_test, systems))
-        if profiles is not None:
-            evaluated += _profile_evaluations(split, pipeline, systems["popularity"], *profiles)
+        if profile_embeddings is not None:
+            evaluated += _profile_evaluations(split, pipeline, systems["popularity"], profile_embeddings, has_profile)
     for split_name, examples, scorers in evaluated:
         results[split_name] = {
             name: evaluate_ranking(
@@ -175,6 +175,7 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
         results.update(
             {
                 "best_valid_epochs": {"retrieval": best_retrieval.get("epoch"), "rerank": best_rerank.get("epoch")},
+                **({"profile_training_losses": profile_losses} if profile_losses is not None else {}),
                 "timings": timings,
                 "num_processes": accelerator.num_processes,
                 "config": config.to_dict(),
@@ -209,8 +210,9 @@ def _require_profiles(data: InteractionData, split: SequentialSplit) -> None:
 
 def _fit_profiles(
     model: LlmRecModel, tokenizer: PreTrainedTokenizerBase, split: SequentialSplit, config: ExperimentConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add the profile path to the trained model and fit it; returns every user's profile embedding and mask."""
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Add the profile path to the trained model and fit it; returns every user's profile embedding and mask,
+    and the mean training loss of each epoch."""
     settings = config.training
     model.enable_user_profiles()
     embeddings, has_profile = embed_user_profiles(model, tokenizer, split.user_profiles, settings.encode_batch_size)
@@ -218,10 +220,10 @@ def _fit_profiles(
     sequences = [sequence if has else [] for sequence, has in zip(split.train_sequences, has_profile.tolist())]
     logger.info("User profiles: fitting the profile projection on %d users for %d epochs (towers frozen).",
                 sum(1 for sequence in sequences if sequence), settings.profile_epochs)
-    fit_user_profiles(model, sequences, embeddings, epochs=settings.profile_epochs,
-                      learning_rate=settings.profile_learning_rate, batch_size=settings.retrieval_batch_size,
-                      seed=settings.seed)
-    return embeddings, has_profile
+    losses = fit_user_profiles(model, sequences, embeddings, epochs=settings.profile_epochs,
+                               learning_rate=settings.profile_learning_rate, batch_size=settings.retrieval_batch_size,
+                               seed=settings.seed)
+    return embeddings, has_profile, losses
 
 
 def _profile_evaluations(

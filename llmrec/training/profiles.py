@@ -38,7 +38,7 @@ def fit_user_profiles(
     """Fit `model.profile_projection` (towers frozen); returns the mean training loss of each epoch.
 
     `profile_text_embeddings` (num_users, encoder hidden) holds the pooled BERT embeddings of the users'
-    profile texts, aligned with `train_sequences` (see `text_encoding.embed_item_texts`). Users with an
+    profile texts, aligned with `train_sequences` (see `embed_user_profiles`). Users with an
     empty training sequence (e.g. the held-out users of a cold_users split) are skipped.
     """
     if model.profile_projection is None:
