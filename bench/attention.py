@@ -270,7 +270,7 @@ def bench_precision(recommender: Recommender, config: Any, tokenized: dict, repe
         values["ndcg_relative_change"] = {
             system: values["test_ndcg@10"][system] / fp32["test_ndcg@10"][system] - 1 for system in ("retrieval", "rerank")
         }
-    return {"num_texts": num_texts, "batch_size": 256, "catalogue_encoding": variants}
+    return {"num_texts": num_texts, "batch_size": 256, "catalogue_encoding": variants, "torch_threads": torch.get_num_threads()}
 
 
 def bench_int8_serving(folder: Path, config: Any, histories: list[list[str]], repeats: int) -> dict[str, Any]:
@@ -357,6 +357,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## Precision: catalogue encoding ({precision['num_texts']} texts, batch {precision['batch_size']})",
             "",
+            *([f"{precision['torch_threads']} torch thread(s); load average {precision['load_average_1min'][0]:.1f} at the "
+               f"start of this section, {precision['load_average_1min'][1]:.1f} at its end.", ""]
+              if "load_average_1min" in precision else []),
             "| variant | texts/s | speed-up | cosine to fp32 (mean / min) | test NDCG@10 retrieval | rerank | Δ rerank |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
@@ -366,6 +369,16 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{value['cosine_to_fp32_min']:.5f} | {value['test_ndcg@10']['retrieval']:.4f} | "
                 f"{value['test_ndcg@10']['rerank']:.4f} | {100 * value['ndcg_relative_change']['rerank']:+.1f} % |"
             )
+        variants = {name: value for name, value in precision["catalogue_encoding"].items() if name != "fp32"}
+        passing = [name for name, value in variants.items()
+                   if value["speedup"] >= 1.8 and min(value["ndcg_relative_change"].values()) >= -0.01]
+        best = max(variants, key=lambda name: variants[name]["speedup"])
+        lines += [
+            "",
+            "Target ≥ 1.8 × fp32 with NDCG@10 (retrieval and rerank) at most 1 % lower: "
+            + (f"**met** by {', '.join(passing)}." if passing
+               else f"**missed** (fastest: {best}, {variants[best]['speedup']:.2f}×)."),
+        ]
         lines.append("")
     if "int8_serving" in results:
         serving = results["int8_serving"]
@@ -388,8 +401,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="Few repetitions; results are not written.")
     parser.add_argument("--output-dir", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
     sections = [section.strip() for section in args.sections.split(",") if section.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
@@ -422,7 +437,9 @@ def main() -> None:
         results["history"] = bench_history(recommender, max(10, repeats // 4))
     if "precision" in sections:
         logger.info("Precision (catalogue encoding and NDCG)...")
+        load_before = os.getloadavg()[0]
         results["precision"] = bench_precision(recommender, config, tokenized, 2 if args.quick else 5)
+        results["precision"]["load_average_1min"] = [load_before, os.getloadavg()[0]]
         raw_histories = [[split.item_ids[index - 1] for index in history] for history in split.test.histories]
         results["int8_serving"] = bench_int8_serving(folder, config, raw_histories, repeats)
     results["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]

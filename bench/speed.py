@@ -721,6 +721,20 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
+def merge_earlier_sections(results: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
+    """Sections of `earlier` that `results` did not re-run, each stamped with the run it came from, in SECTIONS order."""
+    provenance = {"command": earlier["command"], "date": earlier["machine"]["date"], "threads": earlier["machine"]["threads"],
+                  "git_commit": earlier["machine"]["git_commit"],
+                  "load_average_at_start": earlier["machine"]["load_average_at_start"]}
+    merged = {}
+    for name in SECTIONS:
+        if name in results["sections"]:
+            merged[name] = results["sections"][name]
+        elif name in earlier["sections"]:
+            merged[name] = {"earlier_run": provenance, **earlier["sections"][name]}
+    return {**results, "sections": merged}
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     machine = results["machine"]
     lines = [
@@ -742,6 +756,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     for name, section in results["sections"].items():
         lines += ["", f"## {titles[name]}", "", "| measurement | llmrec | limit (same run) | ratio | target | met |",
                   "| --- | --- | --- | --- | --- | --- |"]
+        if "earlier_run" in section:
+            run = section.get("earlier_run")
+            lines[-2:-2] = [f"From an earlier run ({run['date']}, llmrec {run['git_commit']}, {run['threads']} thread(s), load "
+                            f"average {run['load_average_at_start'][0]} at its start): `{run['command']}`.", ""]
         for entry in section["rows"]:
             met = {True: "met", False: "**missed**", None: "–"}[entry["met"]]
             lines.append(f"| {entry['measurement']} | {entry['llmrec']} | {entry['reference']} | {entry['ratio']} | "
@@ -766,6 +784,8 @@ def main() -> None:
                         help="A LoRA stage-1 epoch projected longer than this is stopped and extrapolated.")
     parser.add_argument("--lora-probe-steps", type=int, default=3, help="Stage-1 LoRA steps timed before projecting.")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-speed"), help="Training runs' folders (not committed).")
+    parser.add_argument("--merge", action="store_true", help="Keep the sections of an existing output that this run does "
+                        "not re-run (each keeps the machine state and command it ran with).")
     parser.add_argument("--output", default=None, help="Path of the JSON (the .md goes beside it); default "
                         "bench/results/speed.json.")
     args = parser.parse_args()
@@ -796,6 +816,8 @@ def main() -> None:
         results["sections"][name]["load_average_after"] = [round(value, 2) for value in os.getloadavg()]
     results["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if args.merge and output.is_file():
+        results = merge_earlier_sections(results, json.loads(output.read_text()))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     markdown = render_markdown(results)
