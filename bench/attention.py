@@ -76,6 +76,12 @@ def interleaved_timings(variants: dict[str, Callable[[], Any]], repeats: int, wa
     }
 
 
+def run_stamp(load_before: float) -> dict[str, Any]:
+    """When and under what load a section ran: sections of one results file can come from different runs."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "torch_threads": torch.get_num_threads(),
+            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor()
     try:
@@ -270,7 +276,7 @@ def bench_precision(recommender: Recommender, config: Any, tokenized: dict, repe
         values["ndcg_relative_change"] = {
             system: values["test_ndcg@10"][system] / fp32["test_ndcg@10"][system] - 1 for system in ("retrieval", "rerank")
         }
-    return {"num_texts": num_texts, "batch_size": 256, "catalogue_encoding": variants, "torch_threads": torch.get_num_threads()}
+    return {"num_texts": num_texts, "batch_size": 256, "catalogue_encoding": variants}
 
 
 def bench_int8_serving(folder: Path, config: Any, histories: list[list[str]], repeats: int) -> dict[str, Any]:
@@ -290,29 +296,32 @@ def bench_int8_serving(folder: Path, config: Any, histories: list[list[str]], re
 # ----- report ---------------------------------------------------------------------------------------
 
 
+def run_line(section: dict[str, Any]) -> list[str]:
+    run = section.get("run")
+    if run is None:
+        return []
+    start, end = run["load_average_1min"]
+    return [f"Ran {run['date']}, {run['torch_threads']} torch thread(s), load average {start:.1f} → {end:.1f}.", ""]
+
+
 def markdown(results: dict[str, Any]) -> str:
     machine = results["machine"]
     lines = [
         "# Attention optimisations (bench/attention.py)",
         "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
-        f"bf16 instructions: {'yes' if machine['cpu_bf16'] else 'no'}; torch {machine['torch']}, {machine['date']}; "
-        f"load average {machine['load_average_1min_at_start']:.1f} at start, {machine.get('load_average_1min_at_end', float('nan')):.1f} "
-        "at the end (other jobs shared the cores; ratios are of interleaved runs).",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, bf16 instructions: {'yes' if machine['cpu_bf16'] else 'no'}; "
+        f"torch {machine['torch']}; latest run {machine['date']}. Other jobs may share the cores (see each section's load "
+        "average); ratios are of interleaved runs.",
         "",
     ]
-    earlier = results.get("earlier_sections_machine")
-    if earlier:
-        lines[-1:-1] = [
-            "",
-            f"Sections not re-run in that run are from {earlier['date']} (load average "
-            f"{earlier['load_average_1min_at_start']:.1f} at start, {earlier.get('load_average_1min_at_end', float('nan')):.1f} at the end).",
-        ]
+    lines[-1:-1] = ["", "Sections can come from different runs (`--sections`); each says when it ran, with how many threads and "
+                    "under what 1-minute load average (start → end)."]
     if "cache" in results:
         cache = results["cache"]
         lines += [
             f"## Serving cache: rerank {cache['num_candidates']} candidates, one user ({cache['history_length']} history items)",
             "",
+            *run_line(cache),
             "| path | p50 ms | p99 ms |",
             "| --- | --- | --- |",
             *[f"| {name} | {value['p50_ms']:.2f} | {value['p99_ms']:.2f} |" for name, value in cache["timings"].items()],
@@ -329,6 +338,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "## Kernels: SDPA vs plain softmax(QKᵀ)V (user encoder + reranker)",
             "",
+            *run_line(kernels),
             "| scope | SDPA p50 ms | plain p50 ms | speed-up |",
             "| --- | --- | --- | --- |",
         ]
@@ -341,6 +351,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## Long histories: encode one user + rerank 100 candidates (window {history['window']})",
             "",
+            *run_line(history),
             "| history length | window + summary p50 ms | full attention p50 ms |",
             "| --- | --- | --- |",
             *[f"| {row['history_length']} | {row['window + summary']:.2f} | {row['full attention']:.2f} |" for row in history["rows"]],
@@ -357,9 +368,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## Precision: catalogue encoding ({precision['num_texts']} texts, batch {precision['batch_size']})",
             "",
-            *([f"{precision['torch_threads']} torch thread(s); load average {precision['load_average_1min'][0]:.1f} at the "
-               f"start of this section, {precision['load_average_1min'][1]:.1f} at its end.", ""]
-              if "load_average_1min" in precision else []),
+            *run_line(precision),
             "| variant | texts/s | speed-up | cosine to fp32 (mean / min) | test NDCG@10 retrieval | rerank | Δ rerank |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
@@ -386,6 +395,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "## int8 serving: `Recommender.from_pretrained(..., quantize=\"int8\")`, `recommend(k=10)` for one user",
             "",
+            *run_line(serving),
             "| model | p50 ms | p99 ms | test NDCG@10 rerank |",
             "| --- | --- | --- | --- |",
             *[f"| {name} | {timing[name]['p50_ms']:.2f} | {timing[name]['p99_ms']:.2f} | {ndcg[name]['rerank']:.4f} |" for name in ("fp32", "int8")],
@@ -428,20 +438,23 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine_info(), "model": str(folder), "repeats": repeats}
     if "cache" in sections:
         logger.info("Serving cache...")
-        results["cache"] = bench_cache(recommender, histories, tokenized, repeats)
+        load_before = os.getloadavg()[0]
+        results["cache"] = {**bench_cache(recommender, histories, tokenized, repeats), "run": run_stamp(load_before)}
     if "kernels" in sections:
         logger.info("SDPA vs plain attention...")
-        results["kernels"] = bench_kernels(recommender, histories, repeats)
+        load_before = os.getloadavg()[0]
+        results["kernels"] = {**bench_kernels(recommender, histories, repeats), "run": run_stamp(load_before)}
     if "history" in sections:
         logger.info("History length...")
-        results["history"] = bench_history(recommender, max(10, repeats // 4))
+        load_before = os.getloadavg()[0]
+        results["history"] = {**bench_history(recommender, max(10, repeats // 4)), "run": run_stamp(load_before)}
     if "precision" in sections:
         logger.info("Precision (catalogue encoding and NDCG)...")
         load_before = os.getloadavg()[0]
-        results["precision"] = bench_precision(recommender, config, tokenized, 2 if args.quick else 5)
-        results["precision"]["load_average_1min"] = [load_before, os.getloadavg()[0]]
+        results["precision"] = {**bench_precision(recommender, config, tokenized, 2 if args.quick else 5), "run": run_stamp(load_before)}
         raw_histories = [[split.item_ids[index - 1] for index in history] for history in split.test.histories]
-        results["int8_serving"] = bench_int8_serving(folder, config, raw_histories, repeats)
+        load_before = os.getloadavg()[0]
+        results["int8_serving"] = {**bench_int8_serving(folder, config, raw_histories, repeats), "run": run_stamp(load_before)}
     results["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
     results["wall_seconds"] = time.perf_counter() - started
     report = markdown(results)
@@ -456,7 +469,6 @@ def main() -> None:
                 for key in (name, "int8_serving") if name == "precision" else (name,):
                     if key in kept:
                         results[key] = kept[key]
-            results["earlier_sections_machine"] = kept.get("machine")
             report = markdown(results)
         (output_dir / "attention.json").write_text(json.dumps(results, indent=2) + "\n")
         (output_dir / "attention.md").write_text(report + "\n")
