@@ -1,15 +1,26 @@
-"""Cold-start benchmark on MovieLens-100k: popularity, ID-only, text-only and hybrid on cold and warm items.
+"""Cold-start benchmark on MovieLens-100k: held-out items (`--split cold_items`) or held-out users (`--split cold_users`).
 
-One `data.split: cold_items` split (a seeded random share of the items held out of training with every
+`--split cold_items` (default): popularity, ID-only, text-only and hybrid on cold and warm items. One
+`data.split: cold_items` split (a seeded random share of the items held out of training with every
 interaction on them) serves every system, so the numbers share one protocol:
 
 - cold: each user's first interaction that lands on a held-out item, history = everything before it;
 - warm: leave-one-out on each user's sequence without the held-out items (the usual test target);
 
 both ranked over the full catalogue (warm and cold items), each user's history removed. Writes
-`bench/results/coldstart.json` and the Markdown table between the markers in `bench/README.md`.
+`bench/results/coldstart.json` and the Markdown table between the coldstart-table markers in `bench/README.md`.
+
+`--split cold_users`: one `data.split: cold_users` split holds a seeded 10 % of the users out of training.
+Every held-out user is judged on one target, their 4th interaction (after the first 3), ranked over the full
+catalogue with whatever history the row shows removed, by the same `evaluate_ranking`. What the recommender
+knows about them varies by row: nothing (popularity), their first 1 or 3 items, their demographic profile
+text from ml-100k.user ("24-year-old male technician") alone, or profile + 1 or 3 items. One hybrid model
+with `model.use_user_profiles` serves every llmrec row (profile path fitted after training, towers frozen).
+A reference row ranks by popularity among training users of the same gender and occupation. Writes
+`bench/results/coldstart_users.json` and the table between the coldstart-users-table markers.
 
     OMP_NUM_THREADS=1 python bench/coldstart.py --retrieval-epochs 20 --rerank-epochs 3
+    OMP_NUM_THREADS=1 python bench/coldstart.py --split cold_users --retrieval-epochs 20 --rerank-epochs 3 --profile-epochs 20
 """
 
 from __future__ import annotations
@@ -29,9 +40,10 @@ import torch.nn.functional as F
 
 from llmrec import Recommender
 from llmrec.config import load_config
-from llmrec.data import build_split, load_interaction_data
+from llmrec.data import EvaluationExamples, build_split, load_interaction_data
 from llmrec.evaluation import evaluate_ranking, popularity_scores, scores_from_candidates
 from llmrec.training import run_finetune
+from llmrec.training.profiles import embed_user_profiles, profile_score_functions
 from llmrec.training.trainer import rerank_score_function, retrieval_score_function
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,15 +53,18 @@ SYSTEMS = {  # model overrides of each learned system
     "hybrid": {"use_text_embeddings": True, "use_id_embeddings": True},
 }
 TABLE_START, TABLE_END = "<!-- coldstart-table:start -->", "<!-- coldstart-table:end -->"
+USERS_TABLE_START, USERS_TABLE_END = "<!-- coldstart-users-table:start -->", "<!-- coldstart-users-table:end -->"
 
 logger = logging.getLogger("bench.coldstart")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", default="cold_items", choices=["cold_items", "cold_users"])
     parser.add_argument("--config", default=str(ROOT / "configs" / "ml100k.yaml"))
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-coldstart"), help="Model folders (not committed).")
-    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "coldstart.json"))
+    parser.add_argument("--output", default=None,
+                        help="Default: bench/results/coldstart.json (cold_items) or coldstart_users.json (cold_users).")
     parser.add_argument("--readme", default=str(ROOT / "bench" / "README.md"))
     parser.add_argument("--retrieval-epochs", type=int, default=20)
     parser.add_argument("--rerank-epochs", type=int, default=3)
@@ -59,10 +74,21 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--ablation", action="store_true",
                         help="Also train the hybrid with items unseen in training kept in the softmax as negatives.")
+    parser.add_argument("--cold-user-fraction", type=float, default=0.1)
+    parser.add_argument("--profile-epochs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.split == "cold_users":
+        args.output = args.output or str(ROOT / "bench" / "results" / "coldstart_users.json")
+        run_cold_users(args)
+    else:
+        args.output = args.output or str(ROOT / "bench" / "results" / "coldstart.json")
+        run_cold_items(args)
+
+
+def run_cold_items(args: argparse.Namespace) -> None:
     started = time.perf_counter()
 
     base_overrides = {
@@ -244,6 +270,149 @@ def _write_table(readme: Path, results: dict) -> None:
         text += f"\n{TABLE_START}\n{TABLE_END}\n"
     readme.write_text(re.sub(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), lambda _: block, text, flags=re.S))
 
+
+
+# ----- cold users ------------------------------------------------------------------------------------
+
+
+def run_cold_users(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    run_dir = Path(args.work_dir) / "cold_users_hybrid_profiles"
+    overrides = {
+        "output_dir": str(run_dir),
+        "data": {"split": "cold_users", "cold_user_fraction": args.cold_user_fraction, "cold_user_history_length": 3},
+        "model": {**SYSTEMS["hybrid"], "use_user_profiles": True},
+        "training": {"retrieval_epochs": args.retrieval_epochs, "rerank_epochs": args.rerank_epochs,
+                     "profile_epochs": args.profile_epochs, "cpu_threads": args.threads},
+    }
+    config = load_config(args.config, overrides)
+    data = load_interaction_data(config.data)
+    split = build_split(data, config.data)
+    cold, num_items = split.cold_test, split.num_items
+    run_results = run_finetune(config)
+
+    recommender = Recommender.from_pretrained(run_dir)
+    pipeline = recommender.pipeline
+    profiles = [split.user_profiles[user] for user in cold.user_indices]
+    if any(profile is None for profile in profiles):
+        raise RuntimeError("Every MovieLens-100k user has a row in ml-100k.user; a cold user without a profile means "
+                           "the users file was not read.")
+    embeddings, has_profile = embed_user_profiles(recommender.model, recommender.tokenizer, profiles)
+    nothing = [[] for _ in cold.targets]
+    first_one, first_three = [history[:1] for history in cold.histories], [history[:3] for history in cold.histories]
+
+    def from_history():
+        return {"retrieval": retrieval_score_function(pipeline, num_items), "rerank": rerank_score_function(pipeline, num_items)}
+
+    def with_profile():  # single-pass score functions: a fresh pair per evaluation
+        return profile_score_functions(pipeline, embeddings, has_profile, num_items)
+
+    rows = [
+        ("popularity", "nothing", nothing, {"ranking": popularity_scores(split.item_popularity())}),
+        ("*popularity in the user's gender × occupation group (reference)*", "gender, occupation", nothing,
+         {"ranking": _group_popularity_scores(data, split, cold.user_indices)}),
+        ("hybrid", "first item", first_one, from_history()),
+        ("hybrid", "first 3 items", first_three, from_history()),
+        ("hybrid", "profile only", nothing, with_profile()),
+        ("hybrid", "profile + first item", first_one, with_profile()),
+        ("hybrid", "profile + first 3 items", first_three, with_profile()),
+    ]
+    results: dict = {"protocol": _users_protocol(split, config), "rows": []}
+    for system, knows, histories, score_functions in rows:
+        metrics = {stage: evaluate_ranking(score_function, histories, cold.targets, num_items, ks=[10, 20],
+                                           desc=f"{system} / {knows} / {stage}")
+                   for stage, score_function in score_functions.items()}
+        results["rows"].append({"system": system, "knows": knows, **metrics})
+    results["rows"].append({"system": "*random (expected)*", "knows": "nothing",
+                            "ranking": _random_expectation(EvaluationExamples(histories=nothing), num_items)})
+    # The same examples as run_finetune's own evaluation (first 3 items = cold_test), kept as a cross-check.
+    results["run_finetune"] = {name: run_results[name] for name in ("cold_test", "cold_test_with_profile",
+                                                                    "cold_test_profile_only", "test")}
+    results["best_valid_epochs"] = run_results["best_valid_epochs"]
+    results["profile_training_losses"] = run_results["profile_training_losses"]
+    results["timings"] = {name: round(value, 1) for name, value in run_results["timings"].items()}
+    results["caps"] = {"retrieval_epochs": args.retrieval_epochs, "rerank_epochs": args.rerank_epochs,
+                       "profile_epochs": args.profile_epochs,
+                       "early_stopping_patience": config.training.early_stopping_patience}
+    results["run"] = {
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or 'unknown model'}), "
+                   f"torch {torch.__version__}, {args.threads} thread(s)",
+        "load_average": os.getloadavg(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "command": f"python bench/coldstart.py --split cold_users --retrieval-epochs {args.retrieval_epochs} "
+                   f"--rerank-epochs {args.rerank_epochs} --profile-epochs {args.profile_epochs} "
+                   f"--cold-user-fraction {args.cold_user_fraction} --threads {args.threads}",
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    table = render_users_table(results)
+    _replace_block(Path(args.readme), USERS_TABLE_START, USERS_TABLE_END,
+                   f"{table}\n\n{results['run']['machine']}; wall time {results['run']['wall_seconds'] / 60:.1f} min; "
+                   f"`{results['run']['command']}`.")
+    print(table)
+
+
+def _users_protocol(split, config) -> dict:
+    return {
+        "data": "MovieLens-100k (RecBole copy: ml-100k.inter, .item, .user), every interaction a positive",
+        "split": f"cold_users, {config.data.cold_user_fraction:.0%} of the users held out of training "
+                 f"(seed {config.data.seed})",
+        "cold_users": len(split.cold_test),
+        "target": "each cold user's 4th interaction (after their first 3), the same for every row",
+        "profile": f"data.user_profile_template {config.data.user_profile_template!r}, e.g. "
+                   f"{split.user_profiles[split.cold_test.user_indices[0]]!r}",
+        "num_items": split.num_items,
+        "ranking": "full catalogue, the row's history removed, ties against the target",
+    }
+
+
+def _group_popularity_scores(data, split, users: list[int]):
+    """Training popularity among users of the same gender and occupation as each cold user (global popularity
+    breaks ties): what the demographic profile alone could tell without any learning. Follows the cold users
+    in order, batch by batch, as `evaluate_ranking` passes them."""
+    attributes = data.users.to_pandas().set_index("user_id")
+    group_of = {user_id: (row.gender, row.occupation) for user_id, row in attributes.iterrows()}
+    overall = split.item_popularity()
+    counts: dict = {}
+    for user, sequence in enumerate(split.train_sequences):
+        if sequence:
+            group = group_of[split.user_ids[user]]
+            counts.setdefault(group, np.zeros(split.num_items + 1))
+            counts[group] += np.bincount(sequence, minlength=split.num_items + 1)
+    rows = np.stack([counts.get(group_of[split.user_ids[user]], 0.0) + overall / (overall.sum() + 1.0) for user in users])
+    rows[:, 0] = -np.inf
+    scores = torch.as_tensor(rows, dtype=torch.float64)
+    position = 0
+
+    def score(histories):
+        nonlocal position
+        batch = scores[position : position + len(histories)]
+        position += len(histories)
+        return batch
+
+    return score
+
+
+def render_users_table(results: dict) -> str:
+    lines = ["| system | knows about the user | NDCG@10 | HR@10 | + rerank NDCG@10 | + rerank HR@10 |",
+             "| --- " * 6 + "|"]
+    for row in results["rows"]:
+        first = row.get("ranking", row.get("retrieval"))
+        rerank = row.get("rerank")
+        cells = [f"{first['ndcg@10']:.4f}", f"{first['hr@10']:.4f}"]
+        cells += [f"{rerank['ndcg@10']:.4f}", f"{rerank['hr@10']:.4f}"] if rerank else ["–", "–"]
+        lines.append(f"| {row['system']} | {row['knows']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _replace_block(readme: Path, start: str, end: str, block: str) -> None:
+    """Replace the text between two markers (the rest of the README is written by hand)."""
+    text = readme.read_text() if readme.is_file() else f"# Benchmarks\n\n{start}\n{end}\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    readme.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{block}\n{end}", text,
+                             flags=re.S))
 
 if __name__ == "__main__":
     main()
