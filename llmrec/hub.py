@@ -61,7 +61,7 @@ def _metric_label(metric: str) -> str:
 
 def _evaluation_table(eval_results: dict[str, Any]) -> str:
     rows = []
-    for split in ("test", "cold_test", "valid"):
+    for split in ("test", "cold_test", "cold_test_with_profile", "cold_test_profile_only", "valid"):
         for system, all_metrics in eval_results.get(split, {}).items():
             metrics = _ranking_metrics(all_metrics)
             if not rows:
@@ -78,6 +78,18 @@ def _evaluation_protocol(training_config: dict[str, Any], eval_results: dict[str
         held_out = (
             "Leave-one-out by time: each user's last interaction is the test target and the one before it the "
             "validation target; everything earlier is training history."
+        )
+    elif split == "cold_items":
+        held_out = (
+            "Cold items: a share of the items is held out of training with every interaction on them; `test` is "
+            "leave-one-out on the remaining sequences and `cold_test` each user's first interaction with a "
+            "held-out item, ranked with the earlier history."
+        )
+    elif split == "cold_users":
+        held_out = (
+            "Cold users: a share of the users is held out of training; `test` is leave-one-out on the others and "
+            "`cold_test` a held-out user's next item after their first few interactions (`cold_test_with_profile` "
+            "adds their profile text, `cold_test_profile_only` uses the profile alone)."
         )
     else:
         held_out = "A global temporal split: interactions after a cut-off time are held out for validation and test."

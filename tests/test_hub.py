@@ -132,6 +132,18 @@ def test_model_card_names_a_hub_base_model_and_lora():
     assert "encoder_adapter/" in str(card)
 
 
+def test_model_card_of_a_cold_user_run_describes_its_split_and_lists_every_cold_evaluation():
+    config = LlmRecConfig(encoder_name_or_path=BUNDLED_ENCODER_ID, encoder_config={"model_type": "bert"})
+    metrics = {"ndcg@10": 0.1, "hr@10": 0.2, "mrr@10": 0.05, "ndcg@20": 0.12, "hr@20": 0.3, "mrr@20": 0.06, "num_users": 9.0}
+    eval_results = {split: {"retrieval": metrics, "rerank": metrics}
+                    for split in ("test", "valid", "cold_test", "cold_test_with_profile", "cold_test_profile_only")}
+    card = str(render_model_card(config, ["1", "2", "3"], eval_results,
+                                 training_config={"data": {"path": None, "split": "cold_users"}}))
+    assert "Cold users: a share of the users is held out" in card and "temporal" not in card
+    for split in ("cold_test_with_profile", "cold_test_profile_only"):
+        assert f"| {split} |" in card
+
+
 def test_bundled_encoder_is_recorded_by_hub_id():
     from llmrec.modeling import LlmRecModel
     from llmrec.modeling.encoders import bundled_encoder_path, locate_encoder
