@@ -12,9 +12,11 @@ Sections (`--sections`, default all), on the trained MovieLens-100k model in `ru
 - history: cost of encoding one user and reranking 100 candidates at history lengths 10..1000 for the
   long-history strategy (window of 200 + one summary token of the older items) vs attention over the
   whole history (a model whose window is the full length, so self-attention is quadratic).
-- precision: catalogue encoding (1,682 MovieLens texts) in fp32, bf16 autocast and dynamic int8 (per
-  tensor, per channel): texts/s, cosine of the pooled embeddings to fp32, and test NDCG@10 of the model
-  with its catalogue re-encoded that way; plus serving with `Recommender.from_pretrained(quantize="int8")`.
+- precision: catalogue encoding (1,682 MovieLens texts) in fp32, bf16 (autocast, and weights cast to
+  bf16), PyTorch dynamic int8 (per tensor, per channel) and, with the onnx extra installed, the encoder
+  exported to ONNX and run by ONNX Runtime in fp32 and dynamic int8: texts/s, cosine of the pooled
+  embeddings to fp32, and test NDCG@10 of the model with its catalogue re-encoded that way; plus serving
+  with `Recommender.from_pretrained(quantize="int8")`.
 
 Every timing is a median (and p99) over repetitions after warm-up, the variants interleaved so that machine
 noise hits them alike. Writes `bench/results/attention.json` and `bench/results/attention.md`.
@@ -31,6 +33,7 @@ import json
 import logging
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +47,7 @@ from llmrec import Recommender
 from llmrec.cli import evaluate_saved_model
 from llmrec.config import load_config
 from llmrec.data import build_split, load_interaction_data
-from llmrec.modeling import LlmRecConfig, LlmRecModel, split_histories
+from llmrec.modeling import LlmRecConfig, LlmRecModel, OnnxItemEncoder, export_item_encoder_onnx, split_histories
 from llmrec.modeling.precision import cast_encoder_bf16, cpu_has_bf16, quantize_int8
 from llmrec.modeling.text_encoding import embed_tokenized_items, tokenize_item_texts
 from llmrec.retrieval import build_item_index
@@ -239,6 +242,23 @@ def _evaluate_with_catalogue(recommender: Recommender, config: Any, text_embeddi
     return {system: results[system]["ndcg@10"] for system in ("retrieval", "rerank")}
 
 
+def onnx_encoders(model: Any) -> dict[str, Any]:
+    """The item encoder exported to ONNX and run by ONNX Runtime, fp32 and int8; none without the onnx extra."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        logger.warning('onnxruntime is not installed (pip install "llmrec[onnx]"): no ONNX rows.')
+        return {}
+    with tempfile.TemporaryDirectory(prefix="llmrec-onnx-") as scratch:  # sessions hold the graphs in memory
+        folder = Path(scratch)
+        return {
+            "ONNX Runtime fp32": OnnxItemEncoder(export_item_encoder_onnx(model, folder / "encoder.onnx")),
+            "ONNX Runtime int8 per-channel": OnnxItemEncoder(
+                export_item_encoder_onnx(model, folder / "encoder_int8.onnx", quantize="int8")
+            ),
+        }
+
+
 def bench_precision(recommender: Recommender, config: Any, tokenized: dict, repeats: int) -> dict[str, Any]:
     model = recommender.model
     per_tensor = copy.deepcopy(model)
@@ -256,6 +276,11 @@ def bench_precision(recommender: Recommender, config: Any, tokenized: dict, repe
         "int8 per-tensor": lambda: embed_tokenized_items(per_tensor, tokenized, show_progress=False),
         "int8 per-channel": lambda: embed_tokenized_items(per_channel, tokenized, show_progress=False),
     }
+    onnx_folder = onnx_encoders(model)
+    for name, onnx_encoder in onnx_folder.items():
+        encoders[name] = lambda onnx_encoder=onnx_encoder: embed_tokenized_items(
+            model, tokenized, show_progress=False, item_encoder=onnx_encoder
+        )
     embeddings = {name: encode() for name, encode in encoders.items()}
     timings = interleaved_timings(encoders, repeats, warmup=1)
     num_texts = len(tokenized["input_ids"]) - 1

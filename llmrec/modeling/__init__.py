@@ -11,6 +11,7 @@ from .modeling_llmrec import (
     pad_histories,
     split_histories,
 )
+from .onnx_export import OnnxItemEncoder, export_item_encoder_onnx
 
 # Registered so Auto classes (AutoTokenizer reading config.json, AutoModel) know the "llmrec" model type.
 AutoConfig.register("llmrec", LlmRecConfig, exist_ok=True)
@@ -23,8 +24,10 @@ __all__ = [
     "LlmRecConfig",
     "LlmRecModel",
     "LlmRecOutput",
+    "OnnxItemEncoder",
     "RerankCache",
     "UserEncoder",
+    "export_item_encoder_onnx",
     "pad_histories",
     "split_histories",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -30,12 +30,15 @@ def embed_tokenized_items(
     batch_size: int = 256,
     show_progress: bool = True,
     precision: str = "fp32",
+    item_encoder: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Pooled encoder outputs of tokenised items (row 0, the padding item, stays zero).
 
     Batches are sorted by length so padding costs little. `precision="bf16"` runs the encoder under bf16
     autocast (see `precision.autocast`); the embeddings are stored in the cache's dtype either way.
+    `item_encoder` replaces the model's own encoder, e.g. an `OnnxItemEncoder` exported from it.
     """
+    encode = item_encoder if item_encoder is not None else model.encode_item_texts
     was_training = model.training
     model.eval()
     input_ids, attention_mask = tokenized_items["input_ids"], tokenized_items["attention_mask"]
@@ -47,7 +50,7 @@ def embed_tokenized_items(
         rows = order[start : start + batch_size]
         width = int(attention_mask[rows].sum(dim=1).max())
         with autocast(device, precision):
-            pooled = model.encode_item_texts(input_ids[rows, :width].to(device), attention_mask[rows, :width].to(device))
+            pooled = encode(input_ids[rows, :width].to(device), attention_mask[rows, :width].to(device))
         embeddings[rows.to(device)] = pooled.to(embeddings.dtype)
     model.train(was_training)
     return embeddings
@@ -73,7 +76,10 @@ def embed_item_texts(
     texts: Sequence[str],
     batch_size: int = 256,
     precision: str = "fp32",
+    item_encoder: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Pooled encoder outputs (len(texts), encoder hidden size) of new item texts, e.g. items added after training."""
     tokenized = tokenize_item_texts(tokenizer, texts, model.config.max_text_length)
-    return embed_tokenized_items(model, tokenized, batch_size, show_progress=len(texts) > batch_size, precision=precision)[1:]
+    return embed_tokenized_items(
+        model, tokenized, batch_size, show_progress=len(texts) > batch_size, precision=precision, item_encoder=item_encoder
+    )[1:]
