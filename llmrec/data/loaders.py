@@ -70,7 +70,7 @@ def load_interaction_data(config: DataConfig) -> InteractionData:
     ``{dataset_name}.user``, MovieLens ``u.user``), rendered with ``data.user_profile_template``. A file named
     in the config must be usable (:class:`DataError` otherwise); one found next to the data that does not fit
     the template is skipped with a warning, so that data sets whose users file nobody asked for still load.
-"""
+    """
     config.validate()
     raw = _read_raw_tables(config)
     interactions = _canonical_interactions(raw)
