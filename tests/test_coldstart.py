@@ -20,6 +20,7 @@ from llmrec.modeling import LlmRecConfig, LlmRecModel
 from llmrec.modeling.text_encoding import embed_item_texts
 from llmrec.training import run_finetune
 from llmrec.training.profiles import fit_user_profiles
+from llmrec.training import trainer as trainer_module
 from llmrec.training.trainer import retrieval_score_function
 
 
@@ -37,11 +38,23 @@ def _genre(item_index: int) -> int:
 
 @pytest.fixture(scope="module")
 def cold_run(tmp_path_factory, planted_data_dir, tiny_encoder_dir):
-    """A few-second fine-tune on the planted data with 20 % of the items held out."""
+    """A few-second fine-tune on the planted data with 20 % of the items held out.
+
+    The stage-2 (rerank) training examples it mines are recorded in results["stage2_examples"].
+    """
     config = _cold_config(planted_data_dir, tiny_encoder_dir, tmp_path_factory.mktemp("cold-run"))
     split = build_split(load_interaction_data(config.data), config.data)
-    results = run_finetune(config)
-    return config, split, results
+    mined = []
+
+    class RecordedRerankExample(trainer_module.RerankExample):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            mined.append(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer_module, "RerankExample", RecordedRerankExample)
+        results = run_finetune(config)
+    return config, split, {**results, "stage2_examples": mined}
 
 
 # ----- splits ----------------------------------------------------------------------------------------
@@ -157,6 +170,17 @@ def test_held_out_items_stay_cold_and_rank_far_above_random(cold_run):
     assert results["cold_test"]["retrieval"]["num_users"] == len(cold.targets)
     assert results["cold_test"]["retrieval"]["hr@10"] == pytest.approx(metrics["hr@10"], abs=1e-6)
     assert "| cold_test |" in (Path(config.output_dir) / "README.md").read_text()
+
+
+def test_stage2_never_shows_the_head_a_held_out_item(cold_run):
+    """Never a target in training, a cold item in the head's candidate lists would only teach it to bury new items."""
+    config, split, results = cold_run
+    examples = results["stage2_examples"]
+    assert examples, "stage 2 mined no examples"
+    cold = np.asarray(split.cold_item_indices)
+    assert not any(np.isin(np.asarray(example.candidates), cold).any() for example in examples)
+    # The lists are still full: the warm catalogue has more than enough items for them.
+    assert all(len(example.candidates) == config.retrieval.num_candidates for example in examples)
 
 
 def test_item_added_after_training_ranks_above_random_for_its_genre(cold_run):

@@ -334,10 +334,17 @@ class LlmRecTrainer:
         self._set_trainable(lambda name: name.startswith("reranker."))
         pipeline = self.candidate_pipeline()
         histories, targets = rerank_prefixes(self.split.train_sequences, settings.rerank_positions_per_user)
+        # An item without training interactions is never a stage-2 target, so in the candidate lists it would
+        # only ever be a negative and the head would learn to bury it: exactly the new items it must rank.
+        # Like the stage-1 softmax (`exclude_unseen_items_from_loss`), the lists leave such items out.
+        model = self.accelerator.unwrap_model(self.model)
+        allowed = None
+        if model.config.exclude_unseen_items_from_loss and model.warm_items.any():
+            allowed = torch.nonzero(model.warm_items).flatten().cpu().numpy()
         examples = []
         for start in range(0, len(histories), self.config.evaluation.batch_size):
             batch_histories = histories[start : start + self.config.evaluation.batch_size]
-            _, candidates = pipeline.retrieve(batch_histories)
+            _, candidates = pipeline.retrieve(batch_histories, allowed=allowed)
             for history, target, row in zip(batch_histories, targets[start:], candidates):
                 hit = np.flatnonzero(row == target)
                 # A target the retriever missed teaches the head nothing it can use at serving time.
