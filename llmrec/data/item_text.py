@@ -60,6 +60,27 @@ def template_fields(template: str, setting: str = "item_text_template", example:
     return fields
 
 
+def format_rows(
+    template: str, columns: dict[str, list[Any]], num_rows: int, setting: str, source: str, kind: str
+) -> list[str]:
+    """`template` filled with each row's values of `columns` (one list per field), whitespace collapsed.
+
+    A row the template cannot format raises a DataError naming `data.<setting>`, the row and its values.
+    """
+    texts = []
+    for row in range(num_rows):
+        values = {name: column[row] for name, column in columns.items()}
+        try:
+            text = template.format_map(values)
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as error:
+            raise DataError(
+                f"data.{setting} {template!r} failed on row {row + 1} of {source} (values {values}): {error}. "
+                f"{kind} columns are strings; drop format specs such as ':d'."
+            ) from None
+        texts.append(" ".join(text.split()))
+    return texts
+
+
 def render_item_texts(items: pd.DataFrame, template: str, source: str, max_chars: Optional[int] = None) -> list[str]:
     """One text per item row; whitespace is collapsed so empty fields leave no double spaces.
 
@@ -77,17 +98,7 @@ def render_item_texts(items: pd.DataFrame, template: str, source: str, max_chars
             f"available columns: {list(map(str, items.columns))}."
         )
     columns = {name: items[name].tolist() for name in fields}
-    texts = []
-    for row in range(len(items)):
-        values = {name: columns[name][row] for name in fields}
-        try:
-            text = template.format_map(values)
-        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as error:
-            raise DataError(
-                f"data.item_text_template {template!r} failed on row {row + 1} of {source} "
-                f"(values {values}): {error}. Item columns are strings; drop format specs such as ':.2f'."
-            ) from None
-        texts.append(" ".join(text.split()))
+    texts = format_rows(template, columns, len(items), "item_text_template", source, "Item")
     empty_rows = [row for row, text in enumerate(texts) if not text]
     if empty_rows:
         item_ids = items["item_id"].tolist() if "item_id" in items.columns else [str(row + 1) for row in range(len(items))]

@@ -15,7 +15,7 @@ from typing import Optional
 import pandas as pd
 
 from ..errors import DataError
-from .item_text import template_fields, value_to_text
+from .item_text import format_rows, template_fields, value_to_text
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +46,11 @@ def render_user_profiles(users: pd.DataFrame, template: str, source: str) -> lis
             f"columns: {list(map(str, users.columns))}. Change data.user_profile_template (or data.users_file)."
         )
     columns = {name: [_profile_value(name, value_to_text(value)) for value in users[name]] for name in fields}
-    profiles: list[Optional[str]] = []
-    for row in range(len(users)):
-        values = {name: columns[name][row] for name in fields}
-        try:
-            text = template.format_map(values)
-        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as error:
-            raise DataError(
-                f"data.user_profile_template {template!r} failed on row {row + 1} of {source} (values {values}): "
-                f"{error}. User columns are strings; drop format specs such as ':d'."
-            ) from None
-        # A row whose fields are all empty renders only the template's literal text; that is no profile.
-        has_value = any(value.strip() for value in values.values())
-        profiles.append(" ".join(text.split()) if has_value else None)
+    texts = format_rows(template, columns, len(users), "user_profile_template", source, "User")
+    # A row whose fields are all empty renders only the template's literal text; that is no profile.
+    profiles: list[Optional[str]] = [
+        text if any(column[row].strip() for column in columns.values()) else None for row, text in enumerate(texts)
+    ]
     empty = sum(profile is None for profile in profiles)
     if empty:
         logger.warning("%d user(s) in %s have every field of data.user_profile_template %r empty; they get no profile.",
