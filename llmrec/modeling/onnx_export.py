@@ -67,10 +67,12 @@ def export_item_encoder_onnx(
     if target.suffix != ".onnx":
         raise ValueError(f"The ONNX file name must end in .onnx; got {str(target)!r}.")
     encoder = _exportable_encoder(model.item_encoder)
-    example_ids = torch.tensor([[101, 2023, 2003, 102], [101, 2009, 102, 0]])
-    example_mask = (example_ids != 0).long()
+    # Any ids inside the vocabulary trace the graph; the second row is padded so the mask is exercised.
+    example_ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 0]]).clamp(max=encoder.backbone.config.vocab_size - 1)
+    example_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    with atomic_write(target) as temporary, tempfile.TemporaryDirectory() as scratch:
+    # The scratch folder sits beside the target, so moving the export into place never crosses filesystems.
+    with atomic_write(target) as temporary, tempfile.TemporaryDirectory(dir=target.parent, prefix=".onnx-export-") as scratch:
         exported = Path(scratch) / "encoder.onnx"
         torch.onnx.export(
             encoder, (example_ids, example_mask), str(exported),
