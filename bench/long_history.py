@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "long_history.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not (Path(args.default_model) / "config.json").is_file():  # checked before two trainings, not after
+        parser.error(f"{args.default_model} holds no trained model; make it with "
+                     "`python bench/quality.py --systems hybrid --seeds 42`, or pass --default-model.")
     started = time.perf_counter()
 
     config = load_config(ROOT / args.config)
