@@ -39,3 +39,7 @@ class InvalidRequestError(LlmRecError, ValueError):
 
 class HubUploadError(LlmRecError, OSError):
     """Creating the Hub repo or uploading to it failed (no network, no token, no permission)."""
+
+
+class OutputPathError(LlmRecError, OSError):
+    """An output path llmrec will not replace: a device, FIFO or socket, or a symbolic link it was not asked to follow."""
