@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import threading
 from collections import Counter
@@ -25,7 +24,11 @@ from .modeling.modeling_llmrec import ENCODER_ADAPTER_FOLDER
 from .modeling.precision import cast_encoder_bf16, check_precision, check_quantize, quantize_int8
 from .modeling.text_encoding import embed_item_texts
 from .retrieval import CandidatePipeline, ItemIndex, build_item_index
-from .utils.io import atomic_write, restore_interrupted_replace, write_json_atomic
+from .serving import (
+    MAX_K, ServingState, check_batch_size, check_flag, check_item_ids, check_k, check_rows, id_collection, item_indices,
+    ordered_list,
+)
+from .utils.io import CARRYING_MARKER, atomic_write, restore_interrupted_replace, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,12 @@ INDEX_FILE = "item_index.faiss"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, CATALOGUE_FILE, INDEX_FILE)
 # Written only for some models; an old copy must not outlive a save that no longer writes it.
 _OPTIONAL_OUTPUTS = frozenset({ENCODER_ADAPTER_FOLDER, EVAL_RESULTS_FILE, TRAINING_CONFIG_FILE})
+# What llmrec wrote into folders that predate the `file_checksums` manifest in config.json (the tokenizer's
+# own files are added from what the tokenizer writes now).
+_LEGACY_OUTPUTS = frozenset(
+    {*REQUIRED_FILES, INDEX_FILE + ".json", MODEL_CARD_FILE, *_OPTIONAL_OUTPUTS, "tokenizer.json", "tokenizer_config.json",
+     "special_tokens_map.json", "vocab.txt", "added_tokens.json", "chat_template.jinja"}
+)
 
 RankedItems = list[tuple[str, float]]
 ItemFilter = Union[Callable[[str], bool], Iterable[str]]
@@ -50,9 +59,12 @@ class Recommender:
     encoder and the reranking head's MLPs dynamic int8 (`llmrec.modeling.precision`).
 
     Thread safety: `recommend`, `rerank`, `explain` and their batch forms only read, under
-    `torch.inference_mode`, so one instance can serve many threads. `add_items` builds the grown index
-    and caches aside and swaps them in, so it may run while other threads read; two `add_items` calls
-    are serialised by a lock.
+    `torch.inference_mode`: each reads the serving state (`llmrec.serving.ServingState`: catalogue, index,
+    caches) once and uses only it. `add_items` builds a grown state aside and publishes it with one
+    assignment, so it may run while other threads read; `add_items` and `save_pretrained` take one lock,
+    so a save writes weights, config and catalogue of the same moment (an `add_items` waits for it).
+
+    `max_k` caps `k` (default `llmrec.serving.MAX_K`); a larger `k` raises `InvalidRequestError`.
     """
 
     def __init__(
@@ -67,6 +79,7 @@ class Recommender:
         training_config: Optional[dict[str, Any]] = None,
         precision: str = "fp32",
         quantize: Optional[str] = None,
+        max_k: int = MAX_K,
     ) -> None:
         if not (len(item_ids) == len(item_texts) == len(item_popularity) == model.config.num_items):
             raise ModelFolderError(
@@ -75,16 +88,12 @@ class Recommender:
             )
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.item_ids = [str(item_id) for item_id in item_ids]
-        self.item_texts = [str(text) for text in item_texts]
-        self.item_popularity = np.asarray(item_popularity, dtype=np.float64)
-        self.item_index = {item_id: position + 1 for position, item_id in enumerate(self.item_ids)}
-        if len(self.item_index) != len(self.item_ids):
+        if len(set(map(str, item_ids))) != len(item_ids):
             raise ModelFolderError("The catalogue lists some item ids more than once; item ids must be unique.")
         index = index if index is not None else build_item_index(model)
-        if index.num_items != len(self.item_ids):
+        if index.num_items != len(item_ids):
             raise ModelFolderError(
-                f"The FAISS index holds {index.num_items} items but the catalogue has {len(self.item_ids)}; "
+                f"The FAISS index holds {index.num_items} items but the catalogue has {len(item_ids)}; "
                 "rebuild the index from this model (`llmrec index MODEL --rebuild`)."
             )
         if index.dim != model.config.hidden_size:
@@ -94,11 +103,13 @@ class Recommender:
             )
         self.eval_results = eval_results
         self.training_config = training_config
+        self.max_k = max_k
         self.precision = check_precision(precision)
         self.quantize = check_quantize(quantize, self.model.item_text_embeddings.device)
         if self.quantize is not None and self.precision != "fp32":
             raise ValueError("Choose one of precision='bf16' and quantize='int8'; int8 quantises fp32 weights.")
-        self.pipeline = CandidatePipeline(model, index, num_candidates=model.config.num_candidates)
+        pipeline = CandidatePipeline(model, index, num_candidates=model.config.num_candidates)
+        self._state = ServingState.build(item_ids, item_texts, item_popularity, pipeline)
         if self.precision == "bf16":
             cast_encoder_bf16(self.model.item_encoder)
         if self.quantize == "int8":
@@ -110,8 +121,50 @@ class Recommender:
         self._write_lock = threading.Lock()
 
     @property
+    def max_k(self) -> int:
+        """The largest `k` a request may ask for."""
+        return self._max_k
+
+    @max_k.setter
+    def max_k(self, max_k: int) -> None:
+        if isinstance(max_k, bool) or not isinstance(max_k, (int, np.integer)) or max_k <= 0:
+            raise InvalidRequestError(f"max_k must be a positive integer, got {max_k!r}.")
+        self._max_k = int(max_k)
+
+    # Read-only views of the current serving state; a request reads `self._state` once instead.
+    @property
+    def item_ids(self) -> tuple[str, ...]:
+        return self._state.item_ids
+
+    @property
+    def item_texts(self) -> tuple[str, ...]:
+        return self._state.item_texts
+
+    @item_texts.setter
+    def item_texts(self, item_texts: Sequence[str]) -> None:
+        """Replace the item texts shown and saved (not the embeddings already computed from them)."""
+        item_texts = ordered_list(item_texts, "item texts")
+        with self._write_lock:
+            if len(item_texts) != self._state.num_items:
+                raise InvalidRequestError(f"Got {len(item_texts)} texts for {self._state.num_items} items; pass one per item.")
+            self._state = self._state.with_texts(item_texts)
+
+    @property
+    def item_popularity(self) -> np.ndarray:
+        return self._state.item_popularity
+
+    @property
+    def item_index(self) -> Any:
+        """Raw item id -> 1-based item index (a read-only mapping)."""
+        return self._state.item_index
+
+    @property
+    def pipeline(self) -> CandidatePipeline:
+        return self._state.pipeline
+
+    @property
     def num_items(self) -> int:
-        return len(self.item_ids)
+        return self._state.num_items
 
     # ----- loading and saving -----------------------------------------------------------------------
 
@@ -227,8 +280,12 @@ class Recommender:
         catalogue, FAISS index, training metadata and the model card (`README.md`).
 
         The folder is written beside the target and swapped in as a whole, so a crash at any moment
-        leaves either the old complete folder or the new one. Files in the target that llmrec does not
-        write (e.g. training `checkpoints/`) are carried over.
+        leaves either the old complete folder or the new one. Entries of the target that llmrec did not
+        write (training `checkpoints/`, `.git/`, `.env`, a user's notes) are carried over; a user's file
+        with one of llmrec's names (say a `README.md` of a folder llmrec never saved to) makes the save
+        refuse with `ModelFolderError` naming it. What llmrec wrote is read from the `file_checksums` of
+        the target's `config.json`, or for older llmrec folders from llmrec's fixed file names. The save
+        holds the lock `add_items` takes, so weights, config and catalogue come from the same moment.
         """
         from . import __version__
 
@@ -246,34 +303,40 @@ class Recommender:
                 f"Not saving into {save_directory}: it is the working directory (or holds it), which a save swaps "
                 "out as a whole. Save to a dedicated folder such as runs/my-model."
             )
-        with atomic_write(save_directory) as staging:
-            staging.mkdir()
-            self.model.config.llmrec_version = __version__
-            self.model.save_pretrained(staging)
-            self.tokenizer.save_pretrained(staging)
-            Dataset.from_dict(
-                {"item_id": self.item_ids, "text": self.item_texts, "popularity": self.item_popularity.tolist()}
-            ).to_parquet(str(staging / CATALOGUE_FILE))
-            self.pipeline.index.save(staging / INDEX_FILE)
-            if self.eval_results is not None:
-                write_json_atomic(staging / EVAL_RESULTS_FILE, self.eval_results)
-            if self.training_config is not None:
-                (staging / TRAINING_CONFIG_FILE).write_text(yaml.safe_dump(self.training_config, sort_keys=False))
-            self.model_card().save(staging / MODEL_CARD_FILE)
-            if save_directory.is_dir():
-                # Carried over by rename just before the swap: training checkpoints and anything else the
-                # user keeps there. Files llmrec writes only sometimes are dropped rather than left stale.
-                for entry in save_directory.iterdir():
-                    if entry.name.startswith(".") or entry.name in _OPTIONAL_OUTPUTS or (staging / entry.name).exists():
-                        continue
-                    os.replace(entry, staging / entry.name)
+        try:
+            with self._write_lock, atomic_write(save_directory, carry_over=_user_entries) as staging:
+                staging.mkdir()
+                self._write_folder(staging, self._state, __version__)
+        except LlmRecError:
+            raise
+        except Exception as error:  # a full or read-only disk: OSError, SafetensorError, FAISS's RuntimeError
+            raise ModelFolderError(
+                f"Could not save the model to {save_directory} ({type(error).__name__}: {str(error)[:300]}); the "
+                "disk may be full or not writable. The previous folder, if there was one, is unchanged."
+            ) from error
         logger.info("Saved model, tokenizer, catalogue, index and model card to %s", save_directory)
+
+    def _write_folder(self, staging: Path, state: ServingState, version: str) -> None:
+        """Every file llmrec writes, from one serving state (the caller holds the write lock)."""
+        self.model.config.llmrec_version = version
+        self.model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        Dataset.from_dict(
+            {"item_id": list(state.item_ids), "text": list(state.item_texts), "popularity": state.item_popularity.tolist()}
+        ).to_parquet(str(staging / CATALOGUE_FILE))
+        state.pipeline.index.save(staging / INDEX_FILE)
+        if self.eval_results is not None:
+            write_json_atomic(staging / EVAL_RESULTS_FILE, self.eval_results)
+        if self.training_config is not None:
+            (staging / TRAINING_CONFIG_FILE).write_text(yaml.safe_dump(self.training_config, sort_keys=False))
+        self._model_card(state).save(staging / MODEL_CARD_FILE)
 
     def model_card(self, repo_id: Optional[str] = None) -> Any:
         """The `huggingface_hub.ModelCard` of this model, with its evaluation results when it has them."""
-        return render_model_card(
-            self.model.config, self.item_ids, self.eval_results, self.training_config, repo_id=repo_id
-        )
+        return self._model_card(self._state, repo_id)
+
+    def _model_card(self, state: ServingState, repo_id: Optional[str] = None) -> Any:
+        return render_model_card(self.model.config, state.item_ids, self.eval_results, self.training_config, repo_id=repo_id)
 
     def push_to_hub(
         self,
@@ -297,74 +360,68 @@ class Recommender:
         """Embed new items from their text and add them to the index: recommendable at once, no retraining.
 
         New items have no learned ID embedding, so they are represented by their text alone, the same
-        path ID dropout calibrated in training.
+        path ID dropout calibrated in training. Requests running meanwhile see the catalogue before or
+        after, never a mix.
         """
-        if isinstance(item_ids, str) or isinstance(item_texts, str):
-            raise InvalidRequestError("add_items takes a list of ids and a list of texts, not single strings.")
-        item_ids, item_texts = list(item_ids), list(item_texts)
+        item_ids = check_item_ids(ordered_list(item_ids, "list of new item ids"), "list of new item ids")
+        item_texts = ordered_list(item_texts, "list of new item texts")
+        batch_size = check_batch_size(batch_size)
         if len(item_ids) != len(item_texts):
             raise InvalidRequestError(f"add_items got {len(item_ids)} ids but {len(item_texts)} texts; pass one text per id.")
-        bad_ids = [item_id for item_id in item_ids if not isinstance(item_id, (str, int, np.integer)) or isinstance(item_id, bool)]
-        if bad_ids:
-            raise InvalidRequestError(f"Item ids must be strings (or integers); got {bad_ids[:5]!r}.")
-        item_ids = [str(item_id) for item_id in item_ids]
-        duplicates = sorted({item_id for item_id in item_ids if item_id in self.item_index or item_ids.count(item_id) > 1})
-        if duplicates:
-            raise InvalidRequestError(
-                f"Item id(s) {duplicates[:10]} are already in the catalogue or repeated; each item id can be added once."
-            )
         empty = [item_id for item_id, text in zip(item_ids, item_texts) if not isinstance(text, str) or not text.strip()]
         if empty:
             raise InvalidRequestError(f"Item(s) {empty[:10]} have no text; a new item is only known by its text.")
         if not item_ids:
             return
         with self._write_lock:
+            state = self._state
+            duplicates = sorted({item_id for item_id, count in Counter(item_ids).items() if count > 1 or item_id in state.item_index})
+            if duplicates:
+                raise InvalidRequestError(
+                    f"Item id(s) {duplicates[:10]} are already in the catalogue or repeated; each item id can be added once."
+                )
             text_embeddings = embed_item_texts(self.model, self.tokenizer, item_texts, batch_size)
-            start = self.num_items + 1
-            # Readers see the new ids only once everything they point to exists.
-            self.model.add_items(text_embeddings)
-            new_vectors = self.pipeline.add_items(len(item_ids))
-            self.pipeline.index = self.pipeline.index.extended(new_vectors)
-            self.item_texts = self.item_texts + item_texts
-            self.item_popularity = np.concatenate([self.item_popularity, np.zeros(len(item_ids))])
-            self.item_ids = self.item_ids + item_ids
-            self.item_index = {**self.item_index, **{item_id: start + offset for offset, item_id in enumerate(item_ids)}}
-        logger.info("Added %d items; the catalogue now has %d.", len(item_ids), self.num_items)
+            undo = _undo_growth(self.model)
+            try:
+                # The model grows in place, but requests read the state's own item vectors, not its buffers.
+                self.model.add_items(text_embeddings)
+                grown = state.extended(item_ids, item_texts, state.pipeline.extended(len(item_ids)))
+            except BaseException:
+                undo()
+                raise
+            self._state = grown  # the one assignment that publishes the new items
+        logger.info("Added %d items; the catalogue now has %d.", len(item_ids), grown.num_items)
 
     # ----- serving -----------------------------------------------------------------------------------
 
-    def _indices(self, item_ids: Iterable[str], what: str = "history") -> list[int]:
-        if isinstance(item_ids, (str, bytes)):
-            raise InvalidRequestError(f"The {what} must be a list of item ids, not the single string {item_ids!r}.")
-        item_ids = list(item_ids)
-        bad_types = [item_id for item_id in item_ids if not isinstance(item_id, (str, int, np.integer)) or isinstance(item_id, bool)]
-        if bad_types:
-            raise InvalidRequestError(
-                f"The {what} holds values that are not item ids: {bad_types[:5]!r}; item ids are strings (or integers)."
-            )
-        unknown = [item_id for item_id in item_ids if str(item_id) not in self.item_index]
-        if unknown:
-            raise UnknownItemError(unknown)
-        return [self.item_index[str(item_id)] for item_id in item_ids]
-
-    def _allowed_indices(self, filter: Optional[ItemFilter]) -> Optional[np.ndarray]:
+    @staticmethod
+    def _allowed_indices(state: ServingState, filter: Optional[ItemFilter]) -> Optional[np.ndarray]:
         """Item indices a filter admits: a callable on item ids, or a collection of allowed ids."""
         if filter is None:
             return None
         if callable(filter):
-            return np.array([index for index, item_id in enumerate(self.item_ids, start=1) if filter(item_id)], dtype=np.int64)
-        return np.array(sorted(set(self._indices(filter, what="filter"))), dtype=np.int64)
+            return np.array([index for index, item_id in enumerate(state.item_ids, start=1) if filter(item_id)], dtype=np.int64)
+        return np.array(sorted(set(item_indices(state, id_collection(filter, "filter"), "filter"))), dtype=np.int64)
 
-    def _ranked(self, indices: np.ndarray, scores: np.ndarray, k: int) -> RankedItems:
-        ranked = [(self.item_ids[index - 1], float(score)) for index, score in zip(indices, scores) if index > 0 and np.isfinite(score)]
+    @staticmethod
+    def _ranked(state: ServingState, indices: np.ndarray, scores: np.ndarray, k: int) -> RankedItems:
+        ids = state.item_ids
+        ranked = [(ids[index - 1], float(score)) for index, score in zip(indices, scores) if index > 0 and np.isfinite(score)]
         return ranked[:k]
 
-    def _popular(self, exclude: set[int], allowed: Optional[np.ndarray], k: int) -> RankedItems:
+    @staticmethod
+    def _popular(state: ServingState, exclude: set[int], allowed: Optional[np.ndarray], k: int) -> RankedItems:
         """Users with no history get the most popular items: a documented fallback, not a crash."""
-        order = np.argsort(-self.item_popularity, kind="stable") + 1
+        order = state.popularity_order
         if allowed is not None:
             order = order[np.isin(order, allowed)]
-        return [(self.item_ids[index - 1], float(self.item_popularity[index - 1])) for index in order if index not in exclude][:k]
+        ranked = []
+        for index in order:
+            if index not in exclude:
+                ranked.append((state.item_ids[index - 1], float(state.item_popularity[index - 1])))
+                if len(ranked) == k:
+                    break
+        return ranked
 
     def recommend(
         self,
@@ -380,7 +437,12 @@ class Recommender:
 
         `exclude` lists items never to return, `filter` keeps only the items it admits (a callable on
         item ids, or a collection of allowed ids), and items of the history are left out unless
-        `exclude_history=False`. Fewer than `k` items come back when fewer are eligible.
+        `exclude_history=False`. Fewer than `k` items come back when fewer are eligible, so at most
+        min(k, catalogue size); `k` above `max_k` raises `InvalidRequestError`.
+
+        The head reranks the retriever's first `num_candidates` (config.json) items; when `k` is larger,
+        the items beyond them follow in retrieval order with their retrieval scores (cosine / temperature,
+        not comparable with the head's): the head is trained to reorder that many candidates only.
 
         `profile` is a free-text description of the user ("likes 90s sci-fi and dark comedies"), read by
         the same BERT as the items, for models with a profile path (`use_user_profiles`). A user with a
@@ -406,41 +468,55 @@ class Recommender:
 
         `profiles`, if given, holds one profile text (or None) per history.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise InvalidRequestError(f"k must be a positive integer, got {k!r}.")
-        if isinstance(histories, (str, bytes)):
-            raise InvalidRequestError("recommend_batch takes a list of histories (each a list of item ids).")
+        k = check_k(k, self.max_k)
+        exclude_history = check_flag(exclude_history, "exclude_history")
+        state = self._state  # read once: an add_items meanwhile publishes a new state, never changes this one
+        histories = check_rows(histories, "recommend_batch's histories")
         profiles = self._check_profiles(profiles, len(histories))
-        index_histories = [self._indices(history) for history in histories]
-        excluded = set(self._indices(exclude, what="exclude list")) if exclude is not None else set()
-        allowed = self._allowed_indices(filter)
+        index_histories = [item_indices(state, ordered_list(history, "history"), "history") for history in histories]
+        excluded = set(item_indices(state, id_collection(exclude, "exclude list"), "exclude list")) if exclude is not None else set()
+        allowed = self._allowed_indices(state, filter)
         results: list[Optional[RankedItems]] = [None] * len(histories)
         warm = []
         for row, history in enumerate(index_histories):
             if history or profiles[row] is not None:
                 warm.append(row)
             else:
-                results[row] = self._popular(excluded, allowed, k)
+                results[row] = self._popular(state, excluded, allowed, k)
         if warm:
             warm_histories = [index_histories[row] for row in warm]
             never = [(set(history) if exclude_history else set()) | excluded for history in warm_histories]
-            user_embeddings = self._user_embeddings(warm_histories, [profiles[row] for row in warm])
-            _, candidates = self.pipeline.retrieve(
-                warm_histories, max(k, self.pipeline.num_candidates), user_embeddings, exclude=never, allowed=allowed
-            )
-            scores, _ = self.pipeline.rerank(warm_histories, candidates, user_embeddings=user_embeddings)
-            scores = scores.float().cpu().numpy()
-            for position, row in enumerate(warm):
-                order = np.argsort(-scores[position], kind="stable")
-                results[row] = self._ranked(candidates[position][order], scores[position][order], k)
+            for row, ranked in zip(warm, self._retrieve_and_rerank(state, warm_histories, [profiles[row] for row in warm], never, allowed, k)):
+                results[row] = ranked
         return results
+
+    def _retrieve_and_rerank(
+        self, state: ServingState, histories: list[list[int]], profiles: list[Optional[str]], never: list[set[int]],
+        allowed: Optional[np.ndarray], k: int,
+    ) -> list[RankedItems]:
+        """FAISS finds min(max(k, num_candidates), catalogue) items; the head reorders the first num_candidates."""
+        pipeline = state.pipeline
+        user_embeddings = self._user_embeddings(pipeline, histories, profiles)
+        fetch = min(max(k, pipeline.num_candidates), state.num_items)
+        retrieval_scores, candidates = pipeline.retrieve(histories, fetch, user_embeddings, exclude=never, allowed=allowed)
+        head_width = max(0, min(pipeline.num_candidates, candidates.shape[1]))
+        scores = np.empty((len(histories), 0), dtype=np.float32)
+        if head_width:
+            head_scores, _ = pipeline.rerank(histories, candidates[:, :head_width], user_embeddings=user_embeddings)
+            scores = head_scores.float().cpu().numpy()
+        ranked = []
+        for position in range(len(histories)):
+            order = np.argsort(-scores[position], kind="stable")
+            answer = self._ranked(state, candidates[position, :head_width][order], scores[position][order], k)
+            if len(answer) < k and candidates.shape[1] > head_width:
+                answer += self._ranked(state, candidates[position, head_width:], retrieval_scores[position, head_width:], k - len(answer))
+            ranked.append(answer)
+        return ranked
 
     def _check_profiles(self, profiles: Optional[Sequence[Optional[str]]], count: int) -> list[Optional[str]]:
         if profiles is None:
             return [None] * count
-        if isinstance(profiles, (str, bytes)):
-            raise InvalidRequestError("profiles must be a list with one profile text (or None) per history, not one string.")
-        profiles = list(profiles)
+        profiles = check_rows(profiles, "profiles")
         if len(profiles) != count:
             raise InvalidRequestError(f"Got {count} histories but {len(profiles)} profiles; pass one (or None) per history.")
         bad = [profile for profile in profiles if profile is not None and (not isinstance(profile, str) or not profile.strip())]
@@ -454,15 +530,15 @@ class Recommender:
         return profiles
 
     @torch.inference_mode()
-    def _user_embeddings(self, histories: list[list[int]], profiles: list[Optional[str]]) -> torch.Tensor:
+    def _user_embeddings(self, pipeline: CandidatePipeline, histories: list[list[int]], profiles: list[Optional[str]]) -> torch.Tensor:
         """User vectors from histories and, where given, profile texts (encoded by the item BERT)."""
         if all(profile is None for profile in profiles):
-            return self.pipeline.user_embeddings(histories)
+            return pipeline.user_embeddings(histories)
         texts = [profile if profile is not None else "" for profile in profiles]
         profile_embeddings = embed_item_texts(self.model, self.tokenizer, texts)
         has_profile = torch.tensor([profile is not None for profile in profiles], device=profile_embeddings.device)
-        window, older = split_histories(histories, self.model.config.max_history_length, self.pipeline.device)
-        return self.model.encode_users(window, self.pipeline.item_embeddings, profile_embeddings, has_profile, older)[:, -1]
+        window, older = split_histories(histories, self.model.config.max_history_length, pipeline.device)
+        return self.model.encode_users(window, pipeline.item_embeddings, profile_embeddings, has_profile, older)[:, -1]
 
     def rerank(self, history: Sequence[str], candidates: Sequence[str]) -> RankedItems:
         """Score the given candidates for one history with the cross-attention head, best first."""
@@ -474,10 +550,14 @@ class Recommender:
         Every candidate is scored, history items included; each candidate list must not repeat an id.
         With an empty history the head sees no history, and scores fall back to what it learned without one.
         """
+        state = self._state
+        histories = check_rows(histories, "rerank_batch's histories")
+        candidates = check_rows(candidates, "rerank_batch's candidate lists")
         if len(histories) != len(candidates):
             raise InvalidRequestError(f"Got {len(histories)} histories but {len(candidates)} candidate lists; pass one list per history.")
-        index_histories = [self._indices(history) for history in histories]
-        index_candidates = [self._indices(row, what="candidate list") for row in candidates]
+        index_histories = [item_indices(state, ordered_list(history, "history"), "history") for history in histories]
+        candidates = [ordered_list(row, "candidate list") for row in candidates]
+        index_candidates = [item_indices(state, row, "candidate list") for row in candidates]
         for row in candidates:
             repeated = sorted(item_id for item_id, count in Counter(map(str, row)).items() if count > 1)
             if repeated:
@@ -488,12 +568,12 @@ class Recommender:
         padded = np.zeros((len(candidates), width), dtype=np.int64)
         for row, items in enumerate(index_candidates):
             padded[row, : len(items)] = items
-        scores, _ = self.pipeline.rerank(index_histories, padded)
+        scores, _ = state.pipeline.rerank(index_histories, padded)
         scores = scores.float().cpu().numpy()
         ranked = []
         for row, items in enumerate(index_candidates):
             order = np.argsort(-scores[row, : len(items)], kind="stable")
-            ranked.append(self._ranked(padded[row][order], scores[row][order], len(items)))
+            ranked.append(self._ranked(state, padded[row][order], scores[row][order], len(items)))
         return ranked
 
     def explain(
@@ -505,15 +585,67 @@ class Recommender:
         `max_history_length` items), averaged over heads (or one list per item with `per_head`); they are
         non-negative and sum to 1 over the history.
         """
-        history_indices = self._indices(history)
+        state = self._state
+        history = ordered_list(history, "history")
+        per_head = check_flag(per_head, "per_head")
+        history_indices = item_indices(state, history, "history")
         if not history_indices:
             raise InvalidRequestError("explain() needs a non-empty history: attention weights are over history items.")
-        (candidate,) = self._indices([item_id], what="item to explain")
-        _, attentions = self.pipeline.rerank([history_indices], np.array([[candidate]]), output_attentions=True)
+        (candidate,) = item_indices(state, [item_id], "item to explain")
+        _, attentions = state.pipeline.rerank([history_indices], np.array([[candidate]]), output_attentions=True)
         weights = attentions[0, :, 0].float().cpu()  # (heads, L) over the left-padded history
-        recent = list(history)[-weights.shape[-1] :]
+        recent = history[-weights.shape[-1] :]
         weights = weights[:, weights.shape[-1] - len(recent) :]
         if per_head:
             return [(str(item), weights[:, column].tolist()) for column, item in enumerate(recent)]
         mean = weights.mean(dim=0)
         return [(str(item), float(mean[column])) for column, item in enumerate(recent)]
+
+
+def _undo_growth(model: LlmRecModel) -> Callable[[], None]:
+    """A function that puts back the model's catalogue buffers as they are now (if add_items fails halfway)."""
+    saved = (model.item_text_embeddings, model.warm_items, model.item_id_embeddings, model.config.num_items)
+
+    def undo() -> None:
+        model.item_text_embeddings, model.warm_items = saved[0], saved[1]
+        if saved[2] is not None:
+            model.item_id_embeddings = saved[2]
+        model.config.num_items = saved[3]
+
+    return undo
+
+
+def _written_by_llmrec(folder: Path, staging: Path) -> frozenset[str]:
+    """Top-level names llmrec wrote into an existing folder: its manifest, or for older llmrec folders the fixed names."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return frozenset()
+    if not isinstance(config, dict) or config.get("model_type") != "llmrec":
+        return frozenset()  # not an llmrec folder: llmrec wrote nothing in it
+    checksums = config.get("file_checksums")
+    if isinstance(checksums, dict):
+        return frozenset({CONFIG_FILE} | {Path(name).parts[0] for name in checksums if isinstance(name, str) and Path(name).parts})
+    return _LEGACY_OUTPUTS | {entry.name for entry in staging.iterdir()}
+
+
+def _user_entries(folder: Path, staging: Path) -> list[str]:
+    """Entries of `folder` that llmrec did not write, to carry into the new folder `staging`.
+
+    Refuses, naming them, when such an entry has a name llmrec writes: the save would overwrite it.
+    """
+    written = _written_by_llmrec(folder, staging)
+    ours = {entry.name for entry in staging.iterdir()} | _OPTIONAL_OUTPUTS
+    keep, clashes = [], []
+    for entry in folder.iterdir():
+        name = entry.name
+        leftover = name.startswith(".") and any(name.startswith(f".{own}.tmp-") or name.startswith(f".{own}.old-") for own in ours)
+        if name in written or name == CARRYING_MARKER or leftover:
+            continue
+        (clashes if name in ours else keep).append(name)
+    if clashes:
+        raise ModelFolderError(
+            f"Not saving into {folder}: it holds {', '.join(sorted(clashes))}, which llmrec did not write there but "
+            "would overwrite. Move those files away, or save to another (new or llmrec) folder."
+        )
+    return keep

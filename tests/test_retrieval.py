@@ -74,13 +74,16 @@ def test_exclude_removes_history_and_still_returns_k_items(exclusion_path, monke
         np.testing.assert_allclose(one_scores[0], scores[row], rtol=1e-6)
 
 
-def test_k_larger_than_catalogue_pads_with_zero_and_minus_inf():
+def test_k_larger_than_catalogue_is_capped_and_excluded_slots_pad_with_zero_and_minus_inf():
     items = np.eye(3, dtype=np.float32)
     index = ItemIndex.build(items)
     scores, indices = index.search(np.array([[1.0, 0.5, 0.0]], dtype=np.float32), k=5, exclude=[[2]])
-    assert indices.tolist() == [[1, 3, 0, 0, 0]]
+    assert indices.tolist() == [[1, 3, 0]]  # never wider than the catalogue
     assert np.isfinite(scores[0, :2]).all()
     assert np.all(scores[0, 2:] == -np.inf)
+    # A k far beyond the catalogue allocates nothing of its size (it used to allocate batch x k arrays).
+    scores, indices = index.search(np.ones((2, 3), dtype=np.float32), k=10**12)
+    assert indices.shape == scores.shape == (2, 3)
 
 
 def test_add_continues_item_indices():

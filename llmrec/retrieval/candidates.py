@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -26,7 +27,8 @@ class CandidatePipeline:
 
     The serving cache: item representations and the reranking head's per-item query/key/value
     projections are computed once here and reused by every call, so a request only encodes the user's
-    history, searches FAISS and gathers rows; `add_items` extends the cache by the new rows alone.
+    history, searches FAISS and gathers rows; `extended` builds a grown copy from the new rows alone.
+    Requests read item representations from this cache only, never from the model's item buffers.
     """
 
     def __init__(self, model: LlmRecModel, index: ItemIndex, num_candidates: int = 100, exclude_history: bool = True) -> None:
@@ -43,20 +45,26 @@ class CandidatePipeline:
             self.rerank_cache = self.model.reranker.project_items(item_embeddings)
             self.item_embeddings = item_embeddings
 
-    def add_items(self, count: int) -> np.ndarray:
-        """Extend the cache by the model's last `count` items (just added to it); returns their index vectors.
+    def extended(self, count: int) -> "CandidatePipeline":
+        """A new pipeline whose index and caches also hold the model's last `count` items (just added to it).
 
-        Readers may run meanwhile: the new rows are appended to copies that are swapped in, and ids
-        pointing at them are published only after this returns.
+        This pipeline is left untouched, so requests running on it meanwhile keep a consistent view; the
+        caller publishes the new one. Both share the model, whose serving modules do not change.
         """
         with torch.inference_mode():
             start = self.item_embeddings.shape[0]
             rows = torch.arange(start, start + count, device=self.device)
             new_embeddings = self.model.item_embeddings(rows=rows)
-            rerank_cache = self.rerank_cache.extended(self.model.reranker.project_items(new_embeddings))
-            item_embeddings = torch.cat([self.item_embeddings, new_embeddings])
-        self.rerank_cache, self.item_embeddings = rerank_cache, item_embeddings
-        return new_embeddings.float().cpu().numpy()
+            grown = copy.copy(self)
+            grown.rerank_cache = self.rerank_cache.extended(self.model.reranker.project_items(new_embeddings))
+            grown.item_embeddings = torch.cat([self.item_embeddings, new_embeddings])
+        grown.index = self.index.extended(new_embeddings.float().cpu().numpy())
+        return grown
+
+    @property
+    def num_items(self) -> int:
+        """Items this pipeline serves (its cache and index rows), which may trail a model being grown."""
+        return self.item_embeddings.shape[0] - 1
 
     @property
     def device(self) -> torch.device:

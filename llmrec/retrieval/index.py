@@ -295,7 +295,10 @@ class ItemIndex:
         exclude: Sequence[Iterable[int]] | None = None,
         allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k items per query as (scores float32 (B, k), 1-based item_indices int64 (B, k)), best first.
+        """Top-k items per query as (scores float32 (B, k'), 1-based item_indices int64 (B, k')), best first.
+
+        k' = min(k, num_items): no query can have more results than the catalogue holds, so a huge k costs
+        no more memory than the whole catalogue.
 
         `exclude[b]` holds item indices never to return for query b (its history). `allowed`, when given,
         restricts every query to those item indices inside FAISS (an ID selector), so a filter needs no
@@ -305,7 +308,7 @@ class ItemIndex:
         """
         if int(k) != k or k <= 0:
             raise ValueError(f"k must be a positive integer; got {k!r}.")
-        k = int(k)
+        k = min(int(k), self.num_items)
         queries = _float32_rows(query_embeddings, "query_embeddings", copy=self.normalize)
         self._check_dim(queries, "query_embeddings")
         batch_size = queries.shape[0]

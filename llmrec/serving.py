@@ -1,0 +1,148 @@
+"""What a `Recommender` serves from, as one immutable value, and the checks every request argument passes.
+
+A request reads the recommender's `ServingState` once and uses nothing else about the catalogue, so
+`add_items`, which builds a grown state aside and publishes it with one assignment, is either wholly
+visible to a request or not at all: ids, index rows, cached item vectors and texts always agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence, Set
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidRequestError, UnknownItemError
+from .retrieval import CandidatePipeline
+
+# Default hard cap on `k`: answers longer than this are almost always a bug in the caller (k=10**7 used to
+# get the process OOM-killed), and a cap keeps one request's memory bounded. Per recommender: `max_k`.
+MAX_K = 10_000
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """The catalogue (ids, texts, popularity, id -> item index) and the pipeline (FAISS index, cached item
+    representations, reranking cache) that serve it. Never mutated once published; `extended` makes a new one."""
+
+    item_ids: tuple[str, ...]
+    item_texts: tuple[str, ...]
+    item_popularity: np.ndarray  # read-only, (num_items,)
+    item_index: Mapping[str, int]  # read-only, raw id -> 1-based item index
+    pipeline: CandidatePipeline
+    popularity_order: np.ndarray  # read-only item indices, most popular first (the cold-user fallback)
+
+    @classmethod
+    def build(
+        cls, item_ids: Sequence[str], item_texts: Sequence[str], item_popularity: Sequence[float], pipeline: CandidatePipeline
+    ) -> "ServingState":
+        popularity = np.array(item_popularity, dtype=np.float64)
+        order = np.argsort(-popularity, kind="stable") + 1
+        popularity.flags.writeable = order.flags.writeable = False
+        ids = tuple(str(item_id) for item_id in item_ids)
+        index = MappingProxyType({item_id: position + 1 for position, item_id in enumerate(ids)})
+        return cls(ids, tuple(str(text) for text in item_texts), popularity, index, pipeline, order)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def extended(self, item_ids: Sequence[str], item_texts: Sequence[str], pipeline: CandidatePipeline) -> "ServingState":
+        """This catalogue followed by new items (popularity 0), served by `pipeline` (already grown by them)."""
+        return ServingState.build(
+            self.item_ids + tuple(item_ids),
+            self.item_texts + tuple(item_texts),
+            np.concatenate([self.item_popularity, np.zeros(len(item_ids))]),
+            pipeline,
+        )
+
+    def with_texts(self, item_texts: Sequence[str]) -> "ServingState":
+        return ServingState.build(self.item_ids, item_texts, self.item_popularity, self.pipeline)
+
+
+# ----- request arguments ---------------------------------------------------------------------------------
+
+
+def check_k(k: Any, max_k: int) -> int:
+    """A positive integer up to `max_k`; the answer then holds min(k, eligible items)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise InvalidRequestError(f"k must be a positive integer, got {k!r}.")
+    if k > max_k:
+        raise InvalidRequestError(
+            f"k={k} is above this recommender's cap of {max_k} items per answer. Ask for fewer, or raise the cap "
+            "with Recommender(..., max_k=N) or `recommender.max_k = N` (the default is llmrec.serving.MAX_K)."
+        )
+    return int(k)
+
+
+def check_flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidRequestError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def ordered_list(value: Any, what: str) -> list:
+    """A list from an ordered collection; sets and mappings have no order the answer could depend on."""
+    if value is None:
+        raise InvalidRequestError(f"The {what} is missing (None); pass a list of item ids (it may be empty).")
+    if isinstance(value, (str, bytes)):
+        raise InvalidRequestError(f"The {what} must be a list of item ids, not the single string {value!r}.")
+    if isinstance(value, (Set, Mapping)):
+        raise InvalidRequestError(
+            f"The {what} must be an ordered list or tuple, not a {type(value).__name__}: its order decides the answer."
+        )
+    if isinstance(value, np.ndarray) and value.ndim != 1:
+        raise InvalidRequestError(f"The {what} must be one-dimensional; got an array of shape {value.shape}.")
+    if not isinstance(value, Iterable):
+        raise InvalidRequestError(f"The {what} must be a list of item ids, got {type(value).__name__} {value!r}.")
+    return list(value)
+
+
+def id_collection(value: Any, what: str) -> list:
+    """Item ids whose order does not matter (exclude lists, allowed ids): sets are fine too."""
+    if isinstance(value, (Set, frozenset)):
+        return list(value)
+    return ordered_list(value, what)
+
+
+def _is_item_id(value: Any) -> bool:
+    return isinstance(value, (str, int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_item_ids(item_ids: list, what: str) -> list[str]:
+    """Item ids as strings: strings or integers, never empty text."""
+    bad_types = [item_id for item_id in item_ids if not _is_item_id(item_id)]
+    if bad_types:
+        raise InvalidRequestError(
+            f"The {what} holds values that are not item ids: {bad_types[:5]!r}; item ids are strings (or integers)."
+        )
+    as_text = [str(item_id) for item_id in item_ids]
+    if any(not item_id.strip() for item_id in as_text):
+        raise InvalidRequestError(f"The {what} holds an empty item id ({[i for i in as_text if not i.strip()][:3]!r}).")
+    return as_text
+
+
+def item_indices(state: ServingState, item_ids: list, what: str) -> list[int]:
+    """1-based item indices of known ids; unknown ones raise UnknownItemError naming them."""
+    as_text = [str(item_id) for item_id in item_ids] if all(_is_item_id(i) for i in item_ids) else None
+    if as_text is None or any(item_id not in state.item_index for item_id in as_text):
+        as_text = check_item_ids(item_ids, what)
+        unknown = [item_id for item_id, text in zip(item_ids, as_text) if text not in state.item_index]
+        if unknown:
+            raise UnknownItemError(unknown)
+    return [state.item_index[item_id] for item_id in as_text]
+
+
+def check_rows(value: Any, what: str) -> list:
+    """The outer list of a batch call (one entry per user)."""
+    if value is None or isinstance(value, (str, bytes, Set, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidRequestError(f"{what} must be a list with one entry per user, got {type(value).__name__}.")
+    return list(value)
+
+
+def check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise InvalidRequestError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    return int(batch_size)
