@@ -91,10 +91,11 @@ def test_rerank_cache_gives_the_uncached_scores(model):
 
 
 def test_adding_items_extends_the_cache_to_what_a_rebuild_gives(model):
-    pipeline = CandidatePipeline(model, build_item_index(model), num_candidates=10)
+    original = CandidatePipeline(model, build_item_index(model), num_candidates=10)
     model.add_items(torch.randn(3, model.item_encoder.output_size))
-    new_vectors = pipeline.add_items(3)
-    assert new_vectors.shape == (3, model.config.hidden_size)
+    pipeline = original.extended(3)
+    assert (pipeline.index.num_items, pipeline.num_items) == (NUM_ITEMS + 3, NUM_ITEMS + 3)
+    assert (original.index.num_items, original.num_items) == (NUM_ITEMS, NUM_ITEMS)  # left as it was, for running requests
     extended = (pipeline.item_embeddings, pipeline.rerank_cache)
     pipeline.refresh()
     torch.testing.assert_close(extended[0], pipeline.item_embeddings)

@@ -88,7 +88,11 @@ def test_save_replaces_the_model_but_keeps_checkpoints_and_user_files(recommende
     (target / "checkpoints" / "retrieval-step-10").mkdir(parents=True)
     (target / "checkpoints" / "retrieval-step-10" / "state.bin").write_text("x")
     (target / "notes.txt").write_text("mine")
-    (target / "encoder_adapter").mkdir()  # stale output of an earlier LoRA run
+    # Stale output of an earlier LoRA save, which its config.json's manifest says llmrec wrote.
+    (target / "encoder_adapter").mkdir()
+    (target / "config.json").write_text(json.dumps(
+        {"model_type": "llmrec", "file_checksums": {"encoder_adapter/adapter_model.safetensors": "0" * 64}}
+    ))
     recommender.save_pretrained(target)
     assert (target / "checkpoints" / "retrieval-step-10" / "state.bin").read_text() == "x"
     assert (target / "notes.txt").read_text() == "mine"
