@@ -128,7 +128,8 @@ def test_requests_during_add_items_never_fail_and_answer_from_one_catalogue(fres
         for reader in readers:
             reader.join()
     assert not errors, errors[:3]
-    assert recommender.num_items == NUM_ITEMS + 40 == recommender.pipeline.index.num_items == recommender.pipeline.num_items
+    assert recommender.num_items == NUM_ITEMS + 40 == recommender.pipeline.index.num_items
+    assert recommender.pipeline.item_embeddings.shape[0] == NUM_ITEMS + 41
 
 
 def test_a_request_reads_one_state_even_if_a_new_one_is_published_meanwhile(fresh_recommender, monkeypatch):
@@ -201,6 +202,28 @@ def test_saves_while_items_are_added_always_load_and_agree(fresh_recommender, tm
     adder.join()
     assert not errors, errors
     assert sizes == sorted(sizes)
+
+
+def test_an_add_items_during_a_save_waits_for_it(fresh_recommender, tmp_path, monkeypatch):
+    """Deterministic form of the race: items added after the weights are written, before the catalogue."""
+    recommender = fresh_recommender
+    original = LlmRecModel.save_pretrained
+    adders = []
+
+    def save_then_add(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        adder = threading.Thread(target=recommender.add_items, args=(["mid"], ["movie number 2 genre g1"]))
+        adder.start()
+        adders.append(adder)
+        adder.join(timeout=0.5)  # without the lock it finishes here, between weights and catalogue
+
+    monkeypatch.setattr(LlmRecModel, "save_pretrained", save_then_add)
+    recommender.save_pretrained(tmp_path / "model")
+    adders[0].join()
+    monkeypatch.undo()
+    loaded = Recommender.from_pretrained(tmp_path / "model")  # raised "catalogue has 31 ids ... built for 30" before
+    assert loaded.num_items == NUM_ITEMS and "mid" not in loaded.item_ids
+    assert recommender.num_items == NUM_ITEMS + 1
 
 
 # ----- defect 6: a save keeps what llmrec did not write ------------------------------------------------
@@ -301,10 +324,28 @@ def test_atomic_writes_refuse_a_fifo(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pipe"]
 
 
-def test_atomic_writes_refuse_a_device_and_leave_it_a_device():
+def _device_node(tmp_path: Path) -> Path:
+    """A private character device (a copy of /dev/null) when we may make one, else /dev/null itself.
+
+    As root a regression would replace the real /dev/null for the whole machine (it happened once); a
+    private node tests the same path safely. Without root, /dev is not writable, so /dev/null is safe.
+    """
+    node = tmp_path / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        return node
+    except (PermissionError, AttributeError, OSError):
+        if os.access("/dev", os.W_OK):
+            pytest.skip("cannot make a private device node, and /dev is writable: not risking /dev/null")
+        return Path("/dev/null")
+
+
+def test_atomic_writes_refuse_a_device_and_leave_it_a_device(tmp_path):
+    device = _device_node(tmp_path)
     with pytest.raises(OutputPathError, match="device"):
-        write_json_atomic("/dev/null", {"a": 1})
-    assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+        write_json_atomic(device, {"a": 1})
+    assert stat.S_ISCHR(os.lstat(device).st_mode)
+    assert not list(device.parent.glob(f".{device.name}.tmp-*"))
 
 
 def test_atomic_writes_refuse_links_unless_asked_and_then_write_through_them(tmp_path):
