@@ -229,7 +229,7 @@ class Recommender:
             raise ModelFolderError(f"{folder / CONFIG_FILE} is not valid JSON ({error}); copy or download the folder again.") from error
         if not isinstance(config, dict):
             raise ModelFolderError(
-                f"{folder / CONFIG_FILE} holds a JSON {type(config).__name__ if config is not None else "null"}, not the model's settings; copy or download "
+                f"{folder / CONFIG_FILE} holds a JSON {type(config).__name__ if config is not None else 'null'}, not the model's settings; copy or download "
                 "the folder again."
             )
         if config.get("model_type") != "llmrec":
