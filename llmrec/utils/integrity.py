@@ -53,16 +53,19 @@ def record_checksums(
 
     Call it once every file is written and before anything not written by llmrec joins the folder.
     `config_name` itself cannot hold its own digest and is left out. With `only`, just those entries are
-    (re)computed and the others kept, e.g. after rebuilding the index of a saved folder.
+    (re)computed and the others kept, e.g. after rebuilding the index of a saved folder; a folder
+    without recorded checksums is then left as it is.
     """
     folder = Path(folder)
     config_path = folder / config_name
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if only is None:
         checksums = folder_checksums(folder, exclude={config_name, *exclude})
-    else:
-        checksums = dict(config.get(CHECKSUMS_KEY) or {})
+    elif isinstance(config.get(CHECKSUMS_KEY), dict):
+        checksums = dict(config[CHECKSUMS_KEY])
         checksums.update({name: sha256_of(folder / name) for name in only if name != config_name})
+    else:  # a folder saved before checksums existed stays unverified rather than half-verified
+        return {}
     config[CHECKSUMS_KEY] = checksums
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return checksums
