@@ -518,13 +518,9 @@ class LlmRecModel(LlmRecPreTrainedModel):
             if config.encoder_weights == "adapter":
                 model = cls._from_adapter_folder(folder, config, device=kwargs.get("device_map"))
                 return (model, {}) if want_loading_info else model
-        try:
-            model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        except RuntimeError as error:  # transformers reports shape mismatches this way
-            raise ModelFolderError(
-                f"The weights in {folder} do not match its config.json ({str(error)[:300]}); save the model again "
-                "with save_pretrained, or copy the folder again."
-            ) from error
+        # Mismatched shapes are reported back rather than raised, so the error below can name the tensors.
+        kwargs.setdefault("ignore_mismatched_sizes", True)
+        model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         _raise_on_incomplete_load(
             folder,
             missing=loading_info.get("missing_keys", ()),
