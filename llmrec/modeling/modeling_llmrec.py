@@ -467,7 +467,9 @@ class LlmRecModel(LlmRecPreTrainedModel):
     @classmethod
     def from_encoder(cls, encoder_name_or_path: str, **config_kwargs) -> "LlmRecModel":
         """A new model around pretrained encoder weights (a local path or hub id, loaded by HF)."""
-        encoder = AutoModel.from_pretrained(locate_encoder(str(encoder_name_or_path)), attn_implementation="sdpa")
+        encoder = AutoModel.from_pretrained(
+            locate_encoder(str(encoder_name_or_path)), attn_implementation="sdpa", trust_remote_code=False
+        )
         config = LlmRecConfig(
             encoder_name_or_path=portable_encoder_name(str(encoder_name_or_path)),
             encoder_config=encoder.config.to_dict(),
@@ -514,7 +516,7 @@ class LlmRecModel(LlmRecPreTrainedModel):
         want_loading_info = kwargs.pop("output_loading_info", False)
         folder = Path(pretrained_model_name_or_path)
         if folder.is_dir() and (folder / "config.json").is_file():
-            config = LlmRecConfig.from_pretrained(folder)
+            config = LlmRecConfig.from_pretrained(folder, trust_remote_code=False)
             if config.encoder_weights == "adapter":
                 model = cls._from_adapter_folder(folder, config, device=kwargs.get("device_map"))
                 return (model, {}) if want_loading_info else model
