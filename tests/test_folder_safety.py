@@ -439,10 +439,9 @@ def test_any_corrupted_file_loads_unchanged_or_raises_an_llmrec_error(saved, exp
         loaded = Recommender.from_pretrained(folder, verify=verify)
     except LlmRecError:
         return
-    # It loaded: the change was a no-op, or hit a file no checksum covers (the card, config.json itself),
-    # or, with verify=False, a settings file that still parses.
-    settings_file = target.suffix in (".json", ".yaml")
-    if not unchanged:
-        allowed = target.name in ("README.md", "config.json") or (not verify and settings_file)
-        assert allowed, f"{kind} of {target.name} (verify={verify}) loaded"
-    assert loaded.recommend(HISTORY, k=5) == expected or settings_file
+    # It loaded. With verify on, only a no-op or a file no checksum covers (the card, config.json itself)
+    # may get here; with verify off, bytes inside the data (a float's low bit) load silently by design.
+    if unchanged:
+        assert loaded.recommend(HISTORY, k=5) == expected
+    elif verify:
+        assert target.name in ("README.md", "config.json"), f"{kind} of {target.name} loaded despite its checksum"
