@@ -83,7 +83,7 @@ def _checked_relative(folder: Path, name: Any, config_path: Path) -> Path:
 
 
 def verify_checksums(
-    folder: str | Path, config: Mapping[str, Any], config_name: str = "config.json", hints: Mapping[str, str] = {}
+    folder: str | Path, config: Mapping[str, Any], config_name: str = "config.json", hints: Optional[Mapping[str, str]] = None
 ) -> None:
     """Recompute the digests recorded in `config` and raise `ModelFolderError` naming any file that changed.
 
@@ -102,13 +102,14 @@ def verify_checksums(
         )
     for name, expected in recorded.items():
         path = _checked_relative(folder, name, config_path)
-        hint = hints.get(name, "Copy or download the folder again.")
+        hint = (hints or {}).get(name, "Copy or download the folder again.")
         if not path.is_file():
             raise ModelFolderError(f"{path} is missing, but {config_path} records it as part of the model. {hint}")
         if sha256_of(path) != expected:
             raise ModelFolderError(
                 f"{path} changed since the model was saved: its SHA-256 differs from the one in {config_path} "
-                f"(the file is corrupt or was edited). {hint} To load it anyway, pass verify=False."
+                f"(the file is corrupt or was edited). {hint} To load it anyway, pass verify=False "
+                "(`--no-verify` on the command line)."
             )
 
 
