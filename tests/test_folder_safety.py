@@ -145,11 +145,16 @@ STRICT_CASES = {
     "tensor deleted": (lambda f: _rewrite_weights(f, lambda t: t.pop("text_projection.weight")), "missing.*text_projection.weight"),
     "tensor added": (lambda f: _rewrite_weights(f, lambda t: t.update(extra=torch.zeros(2))), "unexpected.*extra"),
     "profiles switched on": (lambda f: _edit_config(f, use_user_profiles=True), "missing.*profile_projection"),
-    "one more user layer": (lambda f: _edit_config(f, user_num_layers=3), "missing.*user_encoder.blocks.2"),
-    "one user layer fewer": (lambda f: _edit_config(f, user_num_layers=1), "unexpected.*user_encoder.blocks.1"),
+    "one more user layer": (lambda f: _edit_config(f, user_num_layers=3), "user_num_layers is 3 but the weights hold 2"),
+    "one user layer fewer": (lambda f: _edit_config(f, user_num_layers=1), "user_num_layers is 1 but the weights hold 2"),
     "ID embeddings switched off": (lambda f: _edit_config(f, use_id_embeddings=False), "unexpected.*item_id_embeddings"),
     "history summary switched on": (lambda f: _edit_config(f, history_summary=True), "missing.*summary_projection"),
-    "other shape": (lambda f: _edit_config(f, max_history_length=9), "max_history_length|position_embeddings|shape"),
+    "other shape": (lambda f: _edit_config(f, hidden_size=8, user_num_heads=2, rerank_num_heads=2), "hidden_size is 8 but the weights hold 16"),
+    "longer history window": (lambda f: _edit_config(f, max_history_length=9), "max_history_length is 9 but the weights hold 8"),
+    # Checked from the weights file's header before building: the model itself would ask for ~1 TB.
+    "num_items 10^10": (lambda f: _edit_config(f, num_items=10**10), "num_items is 10000000000 but the weights hold 8"),
+    "tensor renamed": (lambda f: _rewrite_weights(f, lambda t: t.update(text_projection_weight=t.pop("text_projection.weight"))),
+                      "missing.*text_projection.weight.*unexpected.*text_projection_weight"),
 }
 
 

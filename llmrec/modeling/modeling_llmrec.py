@@ -45,6 +45,39 @@ def _raise_on_incomplete_load(
         )
 
 
+def _check_sizes_before_building(folder: Path, config: LlmRecConfig) -> None:
+    """Compare the sizes config.json asks for with the weights file's header, before any tensor is allocated.
+
+    transformers builds the model from the config first, so an edited `num_items` of 10^10 would ask
+    for terabytes before the shape mismatch is noticed.
+    """
+    from safetensors import safe_open
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as weights:  # reads the header only
+            shapes = {name: list(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except Exception as error:  # safetensors reports a corrupt header with its own error type
+        raise ModelFolderError(f"{path} is corrupt ({type(error).__name__}: {str(error)[:200]}); copy or download it again.") from error
+    layers = {name.split(".")[2] for name in shapes if name.startswith("user_encoder.blocks.")}
+    found = {
+        "num_items": shapes.get("warm_items", [None])[0],
+        "max_history_length": shapes.get("user_encoder.position_embeddings.weight", [None])[0],
+        "hidden_size": shapes.get("user_encoder.position_embeddings.weight", [None, None])[1],
+        "user_num_layers": len(layers),
+    }
+    found["num_items"] = None if found["num_items"] is None else found["num_items"] - 1  # row 0 is padding
+    wrong = [f"{name} is {getattr(config, name)} but the weights hold {value}" for name, value in found.items()
+             if value is not None and value != getattr(config, name)]
+    if wrong:
+        raise ModelFolderError(
+            f"{folder / 'config.json'} does not match {path}: {'; '.join(wrong)}. config.json was edited or belongs "
+            "to another model; save the model again with save_pretrained, or copy the folder again."
+        )
+
+
 @dataclass
 class LlmRecOutput(ModelOutput):
     """`loss` when targets/labels are given; `logits` are catalogue scores (retrieval) or candidate scores (rerank)."""
@@ -517,6 +550,7 @@ class LlmRecModel(LlmRecPreTrainedModel):
         folder = Path(pretrained_model_name_or_path)
         if folder.is_dir() and (folder / "config.json").is_file():
             config = LlmRecConfig.from_pretrained(folder, trust_remote_code=False)
+            _check_sizes_before_building(folder, config)
             if config.encoder_weights == "adapter":
                 model = cls._from_adapter_folder(folder, config, device=kwargs.get("device_map"))
                 return (model, {}) if want_loading_info else model
