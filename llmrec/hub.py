@@ -260,10 +260,28 @@ def push_to_hub(
     return files
 
 
+def _read_mapping(path: Path, parse: Any, kind: str) -> Optional[dict[str, Any]]:
+    """A JSON or YAML file holding one mapping, or None when absent; anything else names the file."""
+    if not path.is_file():
+        return None
+    try:
+        content = parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as error:
+        raise ModelFolderError(
+            f"{path} is not valid {kind} ({type(error).__name__}: {str(error)[:200]}); copy or download the folder "
+            "again, or delete the file (the model loads without it)."
+        ) from error
+    if not isinstance(content, dict):
+        raise ModelFolderError(
+            f"{path} holds a {type(content).__name__}, not a {kind} mapping; copy or download the folder again, or "
+            "delete the file (the model loads without it)."
+        )
+    return content
+
+
 def read_run_metadata(folder: Path) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]]]:
     """The eval results and training config saved beside a model, when the folder has them."""
-    eval_results = json.loads((folder / EVAL_RESULTS_FILE).read_text()) if (folder / EVAL_RESULTS_FILE).is_file() else None
-    training_config = (
-        yaml.safe_load((folder / TRAINING_CONFIG_FILE).read_text()) if (folder / TRAINING_CONFIG_FILE).is_file() else None
+    return (
+        _read_mapping(folder / EVAL_RESULTS_FILE, json.loads, "JSON"),
+        _read_mapping(folder / TRAINING_CONFIG_FILE, yaml.safe_load, "YAML"),
     )
-    return eval_results, training_config

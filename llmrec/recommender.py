@@ -15,20 +15,22 @@ import numpy as np
 import torch
 import yaml
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from .errors import InvalidRequestError, LlmRecError, ModelFolderError, UnknownItemError
 from .hub import EVAL_RESULTS_FILE, MODEL_CARD_FILE, TRAINING_CONFIG_FILE, push_to_hub, read_run_metadata, render_model_card
-from .modeling import MODEL_FORMAT_VERSION, LlmRecModel, split_histories
+from .modeling import MODEL_FORMAT_VERSION, LlmRecConfig, LlmRecModel, split_histories
 from .modeling.modeling_llmrec import ENCODER_ADAPTER_FOLDER
 from .modeling.precision import cast_encoder_bf16, check_precision, check_quantize, quantize_int8
-from .modeling.text_encoding import embed_item_texts
+from .modeling.text_encoding import embed_item_texts, load_tokenizer
 from .retrieval import CandidatePipeline, ItemIndex, build_item_index
+from .retrieval.index import sidecar_path
 from .serving import (
     MAX_K, ServingState, check_batch_size, check_flag, check_item_ids, check_k, check_rows, id_collection, item_indices,
     ordered_list,
 )
-from .utils.io import CARRYING_MARKER, atomic_write, restore_interrupted_replace, write_json_atomic
+from .utils.integrity import check_links_stay_inside, find_custom_code, record_checksums, verify_checksums
+from .utils.io import CARRYING_MARKER, atomic_write, remove_stale_temporaries, restore_interrupted_replace, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -177,19 +179,23 @@ class Recommender:
         token: Optional[str] = None,
         precision: str = "fp32",
         quantize: Optional[str] = None,
+        verify: bool = True,
     ) -> "Recommender":
         """Load a folder written by `save_pretrained`, or a Hub model repo holding one.
 
         `precision` ("fp32" or "bf16") and `quantize` (None or "int8", CPU only) trade accuracy for
         speed in serving; see the class docstring. A quantised recommender cannot be saved again.
 
-        Only safetensors, Parquet, JSON and FAISS files are read: no pickle, no remote code. Every
-        problem with the folder raises `ModelFolderError` naming the file and what to do.
+        Only safetensors, Parquet, JSON and FAISS files are read: no pickle, and never code from the folder
+        (one that carries `*.py` files or an `auto_map` is refused). Every file llmrec wrote is checked
+        against the SHA-256 recorded in `config.json` (`verify=False` skips that, e.g. for a quick start
+        of a large model), weights must match the config exactly, and links may not leave the folder.
+        Every problem with the folder raises `ModelFolderError` naming the file and what to do.
         """
         folder = cls._resolve_folder(path_or_repo_id, revision, token)
-        cls.check_folder(folder)
+        cls.check_folder(folder, verify=verify)
         try:
-            model = LlmRecModel.from_pretrained(folder, use_safetensors=True)
+            model = LlmRecModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
         except LlmRecError:
             raise
         except Exception as error:  # truncated or corrupt safetensors, shapes that do not match config.json
@@ -199,12 +205,10 @@ class Recommender:
                 "download the folder again."
             ) from error
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except Exception as error:
-            raise ModelFolderError(
-                f"Could not load the tokenizer from {folder} ({error}); tokenizer.json / tokenizer_config.json "
-                "are missing or corrupt. Copy or download the folder again."
-            ) from error
+            vocab_size = model.item_encoder.backbone.get_input_embeddings().num_embeddings
+        except (AttributeError, NotImplementedError):  # an encoder without a token embedding table
+            vocab_size = None
+        tokenizer = load_tokenizer(folder, vocab_size)
         try:
             catalogue = Dataset.from_parquet(str(folder / CATALOGUE_FILE))
             item_ids, item_texts, popularity = catalogue["item_id"], catalogue["text"], catalogue["popularity"]
@@ -229,8 +233,11 @@ class Recommender:
 
     @staticmethod
     def _resolve_folder(path_or_repo_id: Union[str, Path], revision: Optional[str], token: Optional[str]) -> Path:
+        """The local folder to load, after refusing links out of it (a Hub snapshot's may point into its cache)."""
         folder = Path(path_or_repo_id).expanduser()
         if folder.is_dir() or restore_interrupted_replace(folder):
+            check_links_stay_inside(folder, walk=(ENCODER_ADAPTER_FOLDER,))
+            remove_stale_temporaries(folder)  # what a save killed mid-write left beside the folder
             return folder
         name = str(path_or_repo_id)
         if name.count("/") != 1 or name.startswith((".", "/", "~")):
@@ -241,16 +248,20 @@ class Recommender:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(name, revision=revision, token=token))
+            snapshot = Path(snapshot_download(name, revision=revision, token=token))
         except Exception as error:  # offline, unknown repo, no permission: one clear message
             raise ModelFolderError(
                 f"{name} is neither a local model folder nor a Hub repo that could be downloaded "
                 f"({type(error).__name__}: {error})."
             ) from error
+        # The cache keeps a repo as <repo>/snapshots/<revision>/ of links into <repo>/blobs/.
+        check_links_stay_inside(snapshot, root=snapshot.resolve().parents[1], walk=(ENCODER_ADAPTER_FOLDER,))
+        return snapshot
 
     @staticmethod
-    def check_folder(folder: Union[str, Path]) -> None:
-        """Fail early, naming the file, when a model folder is incomplete or from an incompatible llmrec."""
+    def check_folder(folder: Union[str, Path], verify: bool = False) -> None:
+        """Fail early, naming the file, when a model folder is incomplete, from an incompatible llmrec, carries
+        code, or (with `verify`) holds a file whose bytes differ from the checksum recorded when it was saved."""
         folder = Path(folder)
         missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
         if missing:
@@ -258,10 +269,23 @@ class Recommender:
                 f"Model folder {folder} is missing {', '.join(missing)}; copy the whole folder, or save it again "
                 "with save_pretrained."
             )
+        code = find_custom_code(folder, walk=(ENCODER_ADAPTER_FOLDER,))
+        if code or (folder / "adapter_config.json").exists():
+            named = ", ".join(str(path) for path in code) or str(folder / "adapter_config.json")
+            raise ModelFolderError(
+                f"Model folder {folder} carries code or a redirect to another model ({named}): `*.py` files, an "
+                "`auto_map` entry, or a top-level adapter_config.json. An llmrec folder never needs them and they are "
+                "never run; remove them, or load a folder written by save_pretrained."
+            )
         try:
             config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:
             raise ModelFolderError(f"{folder / CONFIG_FILE} is not valid JSON ({error}); copy or download the folder again.") from error
+        if not isinstance(config, dict):
+            raise ModelFolderError(
+                f"{folder / CONFIG_FILE} holds a JSON {type(config).__name__ if config is not None else 'null'}, not the model's settings; copy or download "
+                "the folder again."
+            )
         if config.get("model_type") != "llmrec":
             raise ModelFolderError(
                 f"{folder / CONFIG_FILE} has model_type {config.get('model_type')!r}, not 'llmrec'; this folder holds "
@@ -274,6 +298,16 @@ class Recommender:
                 f"{folder / CONFIG_FILE} has format_version {version} (written by llmrec {written_by}); this llmrec "
                 f"reads format_version {MODEL_FORMAT_VERSION}. Load it with the llmrec version that wrote it, or retrain."
             )
+        if verify:
+            rebuild = "Rebuild the index with `llmrec index MODEL --rebuild`, or copy or download the folder again."
+            verify_checksums(folder, config, CONFIG_FILE, hints={INDEX_FILE: rebuild, sidecar_path(INDEX_FILE).name: rebuild})
+        try:
+            LlmRecConfig.from_dict(config)
+        except Exception as error:  # our ConfigError for impossible values, or transformers' own checks
+            raise ModelFolderError(
+                f"{folder / CONFIG_FILE} holds an impossible setting ({type(error).__name__}: {str(error)[:300]}); copy "
+                "or download the folder again."
+            ) from error
 
     def save_pretrained(self, save_directory: Union[str, Path]) -> None:
         """Write one self-contained folder: config, safetensors weights (or a LoRA adapter), tokenizer,
@@ -307,6 +341,9 @@ class Recommender:
             with self._write_lock, atomic_write(save_directory, carry_over=_user_entries) as staging:
                 staging.mkdir()
                 self._write_folder(staging, self._state, __version__)
+                # Before any user file joins: only what llmrec wrote is checked on load. The card is left
+                # out, since it is never read to load and the Hub lets people edit it.
+                record_checksums(staging, CONFIG_FILE, exclude=(MODEL_CARD_FILE,))
         except LlmRecError:
             raise
         except Exception as error:  # a full or read-only disk: OSError, SafetensorError, FAISS's RuntimeError
@@ -625,7 +662,9 @@ def _written_by_llmrec(folder: Path, staging: Path) -> frozenset[str]:
         return frozenset()  # not an llmrec folder: llmrec wrote nothing in it
     checksums = config.get("file_checksums")
     if isinstance(checksums, dict):
-        return frozenset({CONFIG_FILE} | {Path(name).parts[0] for name in checksums if isinstance(name, str) and Path(name).parts})
+        # The card is llmrec's too, though left out of the checksums (people edit it on the Hub).
+        written = {Path(name).parts[0] for name in checksums if isinstance(name, str) and Path(name).parts}
+        return frozenset({CONFIG_FILE, MODEL_CARD_FILE} | written)
     return _LEGACY_OUTPUTS | {entry.name for entry in staging.iterdir()}
 
 

@@ -1,6 +1,6 @@
 from transformers import AutoConfig, AutoModel
 
-from .configuration_llmrec import MODEL_FORMAT_VERSION, LlmRecConfig
+from .configuration_llmrec import MAX_NUM_CANDIDATES, MODEL_FORMAT_VERSION, LlmRecConfig
 from .modeling_llmrec import (
     IGNORE_INDEX,
     CrossAttentionReranker,
@@ -18,6 +18,7 @@ AutoConfig.register("llmrec", LlmRecConfig, exist_ok=True)
 AutoModel.register(LlmRecConfig, LlmRecModel, exist_ok=True)
 
 __all__ = [
+    "MAX_NUM_CANDIDATES",
     "MODEL_FORMAT_VERSION",
     "IGNORE_INDEX",
     "CrossAttentionReranker",

@@ -2,13 +2,76 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
 from typing import Any, Optional
 
 from transformers import PretrainedConfig
 
+from ..errors import ConfigError
+from ..utils.integrity import CHECKSUMS_KEY
+
 # Bumped when the on-disk layout of a saved model changes incompatibly.
 MODEL_FORMAT_VERSION = 1
 ENCODER_WEIGHT_KINDS = ("full", "adapter")
+# The most candidates retrieval may hand to the reranker per user: the head scores a (users x candidates)
+# batch in one call, so memory grows linearly with it; 10,000 is 100x the default and far past where
+# reranking still changes the top of a list.
+MAX_NUM_CANDIDATES = 10_000
+
+_INTEGER_RANGES = {  # name: (smallest, largest or None)
+    "num_items": (0, None), "hidden_size": (1, None), "max_history_length": (1, None), "user_num_layers": (0, None),
+    "user_num_heads": (1, None), "rerank_num_heads": (1, None), "num_candidates": (1, MAX_NUM_CANDIDATES),
+    "format_version": (0, None), "max_text_length": (1, None),
+}
+_FRACTIONS = {"dropout": (0.0, 1.0, False), "id_dropout": (0.0, 1.0, True)}  # name: (low, high, high allowed)
+_FLAGS = ("history_summary", "use_id_embeddings", "use_text_embeddings", "use_user_profiles", "exclude_unseen_items_from_loss")
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _validate(**values: Any) -> None:
+    """Type and range of every setting, so a hand-edited or corrupt config.json fails here, naming the field.
+
+    Without this a string flag reads as true, and an impossible size fails deep inside torch or BERT.
+    """
+    for name, (low, high) in _INTEGER_RANGES.items():
+        value = values[name]
+        if not _is_integer(value) or value < low or (high is not None and value > high):
+            allowed = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+            raise ConfigError(f"{name} must be {allowed}, got {value!r}.")
+    for name, (low, high, high_allowed) in _FRACTIONS.items():
+        value = values[name]
+        if not isinstance(value, Real) or isinstance(value, bool) or not (low <= value <= high) or (value == high and not high_allowed):
+            raise ConfigError(f"{name} must be a number in [{low}, {high}{']' if high_allowed else ')'}, got {value!r}.")
+    for name in _FLAGS:
+        if not isinstance(values[name], bool):
+            raise ConfigError(f"{name} must be true or false, got {values[name]!r}.")
+    temperature = values["similarity_temperature"]
+    if not isinstance(temperature, Real) or isinstance(temperature, bool) or not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"similarity_temperature must be a positive number, got {temperature!r}.")
+    if values["pooling"] not in ("mean", "cls"):
+        raise ConfigError(f"pooling must be 'mean' or 'cls', got {values['pooling']!r}.")
+    if values["encoder_weights"] not in ENCODER_WEIGHT_KINDS:
+        raise ConfigError(f"encoder_weights must be one of {ENCODER_WEIGHT_KINDS}, got {values['encoder_weights']!r}.")
+    if values["encoder_name_or_path"] is not None and not isinstance(values["encoder_name_or_path"], str):
+        raise ConfigError(f"encoder_name_or_path must be a string, got {values['encoder_name_or_path']!r}.")
+    encoder_config = values["encoder_config"]
+    if encoder_config is not None and not isinstance(encoder_config, dict):
+        raise ConfigError(f"encoder_config must be a mapping (the encoder's own config), got {type(encoder_config).__name__}.")
+    positions = (encoder_config or {}).get("max_position_embeddings")
+    if _is_integer(positions) and values["max_text_length"] > positions:
+        raise ConfigError(
+            f"max_text_length ({values['max_text_length']}) is longer than the encoder reads "
+            f"(max_position_embeddings {positions}); use at most {positions}."
+        )
+    for name in ("user_num_heads", "rerank_num_heads"):
+        if values["hidden_size"] % values[name]:
+            raise ConfigError(f"hidden_size ({values['hidden_size']}) must be divisible by {name} ({values[name]}).")
+    if not (values["use_text_embeddings"] or values["use_id_embeddings"]):
+        raise ConfigError("use_text_embeddings and use_id_embeddings are both False; items need a representation.")
 
 
 class LlmRecConfig(PretrainedConfig):
@@ -54,19 +117,17 @@ class LlmRecConfig(PretrainedConfig):
         format_version: int = MODEL_FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}.")
-        if num_items < 0:
-            raise ValueError(f"num_items must be >= 0, got {num_items}.")
-        for name, heads in (("user_num_heads", user_num_heads), ("rerank_num_heads", rerank_num_heads)):
-            if hidden_size % heads:
-                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by {name} ({heads}).")
-        if encoder_weights not in ENCODER_WEIGHT_KINDS:
-            raise ValueError(f"encoder_weights must be one of {ENCODER_WEIGHT_KINDS}, got {encoder_weights!r}.")
-        if not (use_text_embeddings or use_id_embeddings):
-            raise ValueError("use_text_embeddings and use_id_embeddings are both False; items need a representation.")
-        if similarity_temperature <= 0:
-            raise ValueError(f"similarity_temperature must be positive, got {similarity_temperature}.")
+        kwargs.pop(CHECKSUMS_KEY, None)  # recorded in config.json for the folder's files, not a model setting
+        _validate(
+            encoder_name_or_path=encoder_name_or_path, encoder_config=encoder_config, pooling=pooling,
+            max_text_length=max_text_length, num_items=num_items, hidden_size=hidden_size,
+            max_history_length=max_history_length, history_summary=history_summary, user_num_layers=user_num_layers,
+            user_num_heads=user_num_heads, rerank_num_heads=rerank_num_heads, dropout=dropout,
+            use_id_embeddings=use_id_embeddings, id_dropout=id_dropout, use_text_embeddings=use_text_embeddings,
+            use_user_profiles=use_user_profiles, exclude_unseen_items_from_loss=exclude_unseen_items_from_loss,
+            similarity_temperature=similarity_temperature, num_candidates=num_candidates,
+            encoder_weights=encoder_weights, format_version=format_version,
+        )
         self.encoder_name_or_path = encoder_name_or_path
         self.encoder_config = encoder_config or {}
         self.pooling = pooling

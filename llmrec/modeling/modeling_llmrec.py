@@ -29,6 +29,55 @@ _BACKBONE_PREFIX = "item_encoder.backbone."
 IGNORE_INDEX = -100
 
 
+def _raise_on_incomplete_load(
+    folder: Path, missing: Sequence[str] = (), unexpected: Sequence[str] = (), mismatched: Sequence[str] = (), errors: Sequence[str] = ()
+) -> None:
+    """Strict loading: a module whose weights are not in the folder would silently start from random values."""
+    problems = [
+        f"{what} {sorted(names)[:8]}{' and more' if len(names) > 8 else ''}"
+        for what, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched), ("errors", errors))
+        if names
+    ]
+    if problems:
+        raise ModelFolderError(
+            f"The weights in {folder} do not match its config: tensors {'; '.join(problems)}. The weights file is "
+            "incomplete or config.json was edited; save the model again with save_pretrained, or copy the folder again."
+        )
+
+
+def _check_sizes_before_building(folder: Path, config: LlmRecConfig) -> None:
+    """Compare the sizes config.json asks for with the weights file's header, before any tensor is allocated.
+
+    transformers builds the model from the config first, so an edited `num_items` of 10^10 would ask
+    for terabytes before the shape mismatch is noticed.
+    """
+    from safetensors import safe_open
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as weights:  # reads the header only
+            shapes = {name: list(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except Exception as error:  # safetensors reports a corrupt header with its own error type
+        raise ModelFolderError(f"{path} is corrupt ({type(error).__name__}: {str(error)[:200]}); copy or download it again.") from error
+    layers = {name.split(".")[2] for name in shapes if name.startswith("user_encoder.blocks.")}
+    found = {
+        "num_items": shapes.get("warm_items", [None])[0],
+        "max_history_length": shapes.get("user_encoder.position_embeddings.weight", [None])[0],
+        "hidden_size": shapes.get("user_encoder.position_embeddings.weight", [None, None])[1],
+        "user_num_layers": len(layers),
+    }
+    found["num_items"] = None if found["num_items"] is None else found["num_items"] - 1  # row 0 is padding
+    wrong = [f"{name} is {getattr(config, name)} but the weights hold {value}" for name, value in found.items()
+             if value is not None and value != getattr(config, name)]
+    if wrong:
+        raise ModelFolderError(
+            f"{folder / 'config.json'} does not match {path}: {'; '.join(wrong)}. config.json was edited or belongs "
+            "to another model; save the model again with save_pretrained, or copy the folder again."
+        )
+
+
 @dataclass
 class LlmRecOutput(ModelOutput):
     """`loss` when targets/labels are given; `logits` are catalogue scores (retrieval) or candidate scores (rerank)."""
@@ -451,7 +500,9 @@ class LlmRecModel(LlmRecPreTrainedModel):
     @classmethod
     def from_encoder(cls, encoder_name_or_path: str, **config_kwargs) -> "LlmRecModel":
         """A new model around pretrained encoder weights (a local path or hub id, loaded by HF)."""
-        encoder = AutoModel.from_pretrained(locate_encoder(str(encoder_name_or_path)), attn_implementation="sdpa")
+        encoder = AutoModel.from_pretrained(
+            locate_encoder(str(encoder_name_or_path)), attn_implementation="sdpa", trust_remote_code=False
+        )
         config = LlmRecConfig(
             encoder_name_or_path=portable_encoder_name(str(encoder_name_or_path)),
             encoder_config=encoder.config.to_dict(),
@@ -488,17 +539,37 @@ class LlmRecModel(LlmRecPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> "LlmRecModel":
-        """Like `PreTrainedModel.from_pretrained`; a folder holding an encoder adapter gets base model + adapter."""
+        """Like `PreTrainedModel.from_pretrained`, but strict and without remote code.
+
+        A folder holding an encoder adapter gets base model + adapter. Any tensor the weights lack, hold
+        in excess or hold in another shape than `config.json` implies raises `ModelFolderError` naming it:
+        transformers would start such modules from random values and only log a load report.
+        """
+        kwargs["trust_remote_code"] = False
+        want_loading_info = kwargs.pop("output_loading_info", False)
         folder = Path(pretrained_model_name_or_path)
         if folder.is_dir() and (folder / "config.json").is_file():
-            config = LlmRecConfig.from_pretrained(folder)
+            config = LlmRecConfig.from_pretrained(folder, trust_remote_code=False)
+            _check_sizes_before_building(folder, config)
             if config.encoder_weights == "adapter":
-                return cls._from_adapter_folder(folder, config, device=kwargs.get("device_map"))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+                model = cls._from_adapter_folder(folder, config, device=kwargs.get("device_map"))
+                return (model, {}) if want_loading_info else model
+        # Mismatched shapes are reported back rather than raised, so the error below can name the tensors.
+        kwargs.setdefault("ignore_mismatched_sizes", True)
+        model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        _raise_on_incomplete_load(
+            folder,
+            missing=loading_info.get("missing_keys", ()),
+            unexpected=loading_info.get("unexpected_keys", ()),
+            mismatched=[str(entry[0]) if isinstance(entry, tuple) else str(entry) for entry in loading_info.get("mismatched_keys", ())],
+            errors=loading_info.get("error_msgs", ()),
+        )
+        return (model, loading_info) if want_loading_info else model
 
     @classmethod
     def _from_adapter_folder(cls, folder: Path, config: LlmRecConfig, device: Optional[str] = None) -> "LlmRecModel":
         from peft import PeftModel
+        from peft.utils import get_peft_model_state_dict, load_peft_weights
         from safetensors.torch import load_file
 
         adapter_folder = folder / ENCODER_ADAPTER_FOLDER
@@ -508,22 +579,30 @@ class LlmRecModel(LlmRecPreTrainedModel):
                 "is missing; copy the whole model folder, or save it again with save_pretrained."
             )
         model = cls(config)
-        missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
-        missing = [name for name in missing if not name.startswith(_BACKBONE_PREFIX)]
-        if missing or unexpected:
+        try:
+            missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+        except RuntimeError as error:  # shapes that do not match config.json
             raise ModelFolderError(
-                f"{folder / 'model.safetensors'} does not match {folder / 'config.json'}: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}; save the model again with save_pretrained."
-            )
+                f"{folder / 'model.safetensors'} does not match {folder / 'config.json'} ({str(error)[:300]}); save the "
+                "model again with save_pretrained."
+            ) from error
+        _raise_on_incomplete_load(folder, [name for name in missing if not name.startswith(_BACKBONE_PREFIX)], unexpected)
         base_model = config.encoder_name_or_path
         try:
-            base = AutoModel.from_pretrained(locate_encoder(base_model), attn_implementation="sdpa")
-        except OSError as error:
+            base = AutoModel.from_pretrained(locate_encoder(base_model), attn_implementation="sdpa", trust_remote_code=False)
+        except (OSError, ValueError) as error:
             raise ModelFolderError(
                 f"The encoder adapter in {adapter_folder} needs its base model {base_model!r}, which could not be "
                 f"loaded ({error}); install it or download it, then load again."
             ) from error
-        model.item_encoder.backbone = PeftModel.from_pretrained(base, adapter_folder)
+        try:
+            backbone = PeftModel.from_pretrained(base, adapter_folder)
+            stored = set(load_peft_weights(str(adapter_folder), device="cpu"))
+        except Exception as error:  # peft reports unreadable or mismatched adapters with assorted types
+            raise ModelFolderError(f"Could not load the encoder adapter in {adapter_folder} ({type(error).__name__}: {str(error)[:300]}).") from error
+        expected = set(get_peft_model_state_dict(backbone))
+        _raise_on_incomplete_load(adapter_folder, sorted(expected - stored), sorted(stored - expected))
+        model.item_encoder.backbone = backbone
         return model.to(device or "cpu").eval()
 
     # ----- item side -------------------------------------------------------------------------------

@@ -3,16 +3,58 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ..errors import ModelFolderError
 from .modeling_llmrec import LlmRecModel
 from .precision import autocast
 
 logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+# Share of the encoder's embedding rows the tokenizer must give a token. Some encoders pad their vocabulary
+# to a round size (under 1 % of unused rows); a tokenizer that fell back to its special tokens covers almost none.
+MIN_VOCABULARY_COVERAGE = 0.9
+
+
+def load_tokenizer(folder: str | Path, encoder_vocab_size: Optional[int]) -> PreTrainedTokenizerBase:
+    """The folder's own tokenizer, exactly, or `ModelFolderError`.
+
+    Without `tokenizer.json`, transformers quietly builds a tokenizer of five special tokens, which maps
+    every word to [UNK]; so the file must exist and parse, the loaded tokenizer must be the one it
+    describes, and its ids must fit the encoder's embedding table (`encoder_vocab_size` rows).
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / TOKENIZER_FILE
+    if not path.is_file():
+        raise ModelFolderError(f"{path} is missing; without it every word would read as [UNK]. Copy or download the folder again.")
+    try:
+        file_size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        vocabulary = tokenizer.get_vocab()
+    except Exception as error:  # tokenizers and transformers report broken files with assorted types
+        raise ModelFolderError(
+            f"Could not load the tokenizer {path} ({type(error).__name__}: {str(error)[:200]}); tokenizer.json / "
+            "tokenizer_config.json are corrupt. Copy or download the folder again."
+        ) from error
+    problem = None
+    if len(tokenizer) != file_size:
+        problem = f"the loaded tokenizer has {len(tokenizer)} tokens but {path.name} describes {file_size}"
+    elif encoder_vocab_size is not None and vocabulary and max(vocabulary.values()) >= encoder_vocab_size:
+        problem = f"it has token ids up to {max(vocabulary.values())} but the encoder has {encoder_vocab_size} embeddings"
+    elif encoder_vocab_size is not None and len(tokenizer) < MIN_VOCABULARY_COVERAGE * encoder_vocab_size:
+        problem = f"it has {len(tokenizer)} tokens for an encoder of {encoder_vocab_size}"
+    if problem:
+        raise ModelFolderError(
+            f"The tokenizer in {path} is not the encoder's: {problem}. Copy or download the folder again."
+        )
+    return tokenizer
 
 
 def tokenize_item_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:

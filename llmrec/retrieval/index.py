@@ -108,6 +108,25 @@ def resolve_index_params(index_type: str, params: Mapping[str, Any] | None = Non
     return resolved
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _checked_sidecar(meta: Any) -> dict[str, Any]:
+    """The sidecar's fields, each of its type: `bool("false")` is True, so nothing is coerced (ValueError)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"it holds a {type(meta).__name__}, not a JSON object")
+    for name, kind in (("normalize", bool), ("format_version", int), ("dim", int), ("num_items", int)):
+        if name not in meta or not (kind is bool and isinstance(meta[name], bool) or kind is int and _is_count(meta[name])):
+            raise ValueError(f"field {name!r} is {meta.get(name, 'missing')!r}")
+    if "index_type" in meta and meta["index_type"] not in INDEX_TYPES:
+        raise ValueError(f"field 'index_type' is {meta['index_type']!r}, not one of {', '.join(INDEX_TYPES)}")
+    params = meta.get("params")
+    if params is not None and not (isinstance(params, dict) and all(value is None or _is_count(value) for value in params.values())):
+        raise ValueError(f"field 'params' is {params!r}, not a mapping of parameter names to integers")
+    return meta
+
+
 def default_nlist(num_items: int) -> int:
     """4 * sqrt(n) lists, but never so many that a centroid has fewer than 39 items to train on."""
     return max(1, min(int(round(4 * math.sqrt(num_items))), num_items // IVF_MIN_ITEMS_PER_LIST))
@@ -429,13 +448,11 @@ class ItemIndex:
         if not meta_path.is_file():
             raise ModelFolderError(f"Item index metadata {meta_path} is missing; re-save the index with ItemIndex.save().")
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            normalize = bool(meta["normalize"])
-            version = int(meta["format_version"])
-            index_type = str(meta.get("index_type", "flat"))
-            params = dict(meta.get("params") or {})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            meta = _checked_sidecar(json.loads(meta_path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, RecursionError) as error:
             raise ModelFolderError(f"Item index metadata {meta_path} is corrupt ({error}); re-save the index.") from error
+        normalize, version = meta["normalize"], meta["format_version"]
+        index_type, params = meta.get("index_type", "flat"), dict(meta.get("params") or {})
         if version not in (FLAT_FORMAT_VERSION, FORMAT_VERSION):
             raise ModelFolderError(
                 f"Item index {path} has format version {version}; this llmrec reads versions "
