@@ -259,15 +259,14 @@ def test_a_save_refuses_to_overwrite_a_users_file_with_an_llmrec_name(recommende
 
 
 def test_a_manifest_names_what_llmrec_wrote(recommender, tmp_path):
-    """With `file_checksums` in config.json, only the files it lists are llmrec's; another README.md is the user's."""
+    """With `file_checksums` in config.json, only the files it lists (and the card) are llmrec's; another tokenizer.json is the user's."""
     target = tmp_path / "model"
     recommender.save_pretrained(target)
     config = json.loads((target / "config.json").read_text())
     config["file_checksums"] = {"model.safetensors": "0" * 64, "catalogue.parquet": "0" * 64}
     (target / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelFolderError, match="README.md"):
+    with pytest.raises(ModelFolderError, match="tokenizer.json"):
         recommender.save_pretrained(target)
-    (target / "README.md").unlink()
     (target / "item_index.faiss").unlink()
     (target / "item_index.faiss.json").unlink()
     (target / "tokenizer.json").unlink()
