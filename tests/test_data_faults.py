@@ -138,3 +138,14 @@ def test_empty_item_id_in_jsonl_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"inter.jsonl: column 'item_id' is empty at row 2 \(2 row\(s\) without an id\)"):
         load_interaction_data(DataConfig(path=str(tmp_path), interactions_file="inter.jsonl", items_file="items.csv",
                                          rating_column=None, item_text_template="{title}"))
+
+
+@pytest.mark.parametrize("line", ['{"item_id": "1", "title": "A\\ud800"}', '{"item_id": "1", "\\udc00": "x", "title": "A"}'],
+                         ids=["in-a-value", "in-a-key"])
+def test_jsonl_escaped_lone_surrogate_names_the_line(tmp_path: Path, line: str) -> None:
+    """Before: UnicodeEncodeError from pyarrow (found by test_data_fuzz)."""
+    (tmp_path / "inter.csv").write_text(HEADER + "u1,1,1\nu1,2,2\n", encoding="utf-8")
+    (tmp_path / "items.jsonl").write_text('{"item_id": "2", "title": "B"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"items.jsonl line 2 has an escaped lone surrogate"):
+        load_interaction_data(DataConfig(path=str(tmp_path), interactions_file="inter.csv", items_file="items.jsonl",
+                                         rating_column=None, item_text_template="{title}"))

@@ -295,5 +295,17 @@ def read_json_lines(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
                             "JSON Lines files need one JSON object per line.") from None
         if not isinstance(record, dict):
             raise DataError(f"{path} line {line_number} is a JSON {type(record).__name__}, not an object.")
+        if "\\u" in line:
+            _reject_lone_surrogates(record, path, line_number)
         records.append(record)
     return pd.DataFrame.from_records(records)
+
+
+def _reject_lone_surrogates(record: dict, path: Path, line_number: int) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"); such a string is no text and breaks every later step."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"{path} line {line_number} has an escaped lone surrogate {error.object[error.start]!r} "
+                        "(half of a UTF-16 pair), which is not text; fix the file's escapes (e.g. re-export it as "
+                        "UTF-8 with ensure_ascii=False).") from None
