@@ -149,3 +149,9 @@ def test_jsonl_escaped_lone_surrogate_names_the_line(tmp_path: Path, line: str) 
     with pytest.raises(DataError, match=r"items.jsonl line 2 has an escaped lone surrogate"):
         load_interaction_data(DataConfig(path=str(tmp_path), interactions_file="inter.csv", items_file="items.jsonl",
                                          rating_column=None, item_text_template="{title}"))
+
+
+def test_unclosed_quote_names_its_line(tmp_path: Path) -> None:
+    """Before: pandas' 'EOF inside string starting at row 2' (0-based, header counted) instead of a line."""
+    message = _error(tmp_path, HEADER + 'u1,1,1\n"u1,2,2\nu1,3,3\n')
+    assert "inter.csv line 3 opens a quoted field" in message

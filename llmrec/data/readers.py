@@ -132,6 +132,11 @@ def read_delimited(path: Path, separator: str, *, quoting: int = csv.QUOTE_MINIM
                 header=0 if header else None, names=names, engine="c", index_col=False,
             )
     except pd.errors.ParserError as error:
+        unclosed = re.search(r"EOF inside string starting at row (\d+)", str(error))
+        if unclosed:  # pandas counts rows from 0, blank lines and header included
+            raise DataError(f"{path} line {int(unclosed.group(1)) + 1} opens a quoted field (\") that is never closed, "
+                            "so the rest of the file would be read as one value. Close or remove the quote, or set "
+                            "data.format: tsv for files whose values contain quotes.") from None
         raise DataError(f"{path} could not be parsed as {shown_separator!r}-separated text: {str(error).strip()}."
                         f"{_separator_hint(text, shown_separator)}") from None
     if any(issubclass(warning.category, pd.errors.ParserWarning) for warning in caught):
