@@ -1,19 +1,22 @@
 """Fuzz the data loaders: any file either loads into consistent tables or raises a DataError/ConfigError naming it.
 
-Generated CSV/TSV/JSONL/sequence files mix plausible rows with hostile ones (random bytes, other delimiters,
+Generated CSV/TSV/JSONL/sequence/Parquet files mix plausible rows with hostile ones (random bytes, other delimiters,
 duplicate or missing headers, NUL bytes, huge and non-finite numbers, unicode, quotes and line breaks in
 values, empty files). Bounded so the whole module runs in seconds.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -192,3 +195,32 @@ def test_fuzzed_bytes_as_interactions_name_the_file(content: bytes, name: str) -
     _load_or_named_error({name: content, "items.csv": b"item_id,title\n1,A\n2,B\n"},
                          lambda folder: DataConfig(path=str(folder), interactions_file=name, items_file="items.csv",
                                                    item_text_template="{title}", rating_column=None))
+
+
+PARQUET_COLUMN = st.one_of(
+    st.lists(st.integers(-2**63, 2**63 - 1), min_size=3, max_size=3).map(lambda values: pd.Series(values, dtype="int64")),
+    st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=3, max_size=3).map(
+        lambda values: pd.Series(values, dtype="float64")),
+    st.lists(st.none() | PLAUSIBLE_CELLS["item_id"] | TEXT, min_size=3, max_size=3).map(
+        lambda values: pd.Series(values, dtype=object)),
+    st.lists(st.booleans(), min_size=3, max_size=3).map(pd.Series),
+    st.lists(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 1, 1)), min_size=3, max_size=3).map(
+        lambda values: pd.Series(values).astype("datetime64[us]")),
+)
+
+
+@FUZZ
+@given(interactions=st.dictionaries(st.sampled_from(["user_id", "item_id", "timestamp", "rating", "x"]), PARQUET_COLUMN,
+                                    min_size=1),
+       items=st.dictionaries(st.sampled_from(["item_id", "title", "genres"]), PARQUET_COLUMN, min_size=1),
+       columns=OPTIONAL_COLUMNS)
+def test_fuzzed_parquet_columns_load_or_name_the_file(interactions: dict, items: dict, columns: dict) -> None:
+    """Parquet keeps its types: integers, floats with inf/NaN, bools, nulls and dates far outside 1677-2262."""
+    files = {}
+    for name, table in (("inter.parquet", interactions), ("items.parquet", items)):
+        buffer = io.BytesIO()
+        pd.DataFrame(table).to_parquet(buffer)
+        files[name] = buffer.getvalue()
+    _load_or_named_error(files, lambda folder: DataConfig(path=str(folder), interactions_file="inter.parquet",
+                                                          items_file="items.parquet", item_text_template="{title}",
+                                                          **columns))
