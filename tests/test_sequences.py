@@ -223,3 +223,20 @@ def test_benchmark_configs_point_at_shared_data_from_the_repo_root(tmp_path: Pat
     monkeypatch.chdir(tmp_path / "clone")
     data_folder = Path(config.data.path)
     assert (data_folder / "sequences.txt").is_file() and (data_folder / config.data.items_file).is_file()
+
+
+@pytest.mark.parametrize("header, rows, overrides", [
+    ("user_id;item_id;timestamp", "u1;10;5\nu1;20;6\n", {"delimiter": ";"}),
+    ("user_id|item_id|timestamp", "u1|10|5\nu1|20|6\n", {"delimiter": "|"}),
+], ids=["semicolon", "pipe"])
+def test_delimited_txt_table_is_not_taken_for_a_sequence_file(tmp_path: Path, header: str, rows: str,
+                                                              overrides: dict) -> None:
+    (tmp_path / "inter.txt").write_text(f"{header}\n{rows}", encoding="utf-8")
+    (tmp_path / "items.txt").write_text("item_id{0}title\n10{0}A\n20{0}B\n".format(overrides["delimiter"]),
+                                        encoding="utf-8")
+    config = DataConfig(path=str(tmp_path), interactions_file="inter.txt", items_file="items.txt", rating_column=None,
+                        item_text_template="{title}", **overrides)
+    assert load_interaction_data(config).interactions["timestamp"] == [5.0, 6.0]
+    config.delimiter = None  # as before sequence files: the reader names the delimiter it sees
+    with pytest.raises(DataError, match="is the delimiter"):
+        load_interaction_data(config)

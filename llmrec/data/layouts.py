@@ -97,7 +97,7 @@ def read_raw_tables(config: DataConfig) -> RawTables:
         interactions_name, base = interactions_name or str(base.absolute()), base.parent
     folder = base or Path(".")
     if file_format == "auto":
-        file_format = _guess_format(folder, interactions_name)
+        file_format = _guess_format(folder, interactions_name, config.delimiter)
         if file_format == "recbole":
             return read_recbole(folder, _recbole_dataset_name(folder, config.dataset_name), _config_columns(config),
                                 config.encoding)
@@ -138,13 +138,18 @@ def _read_sequence_layout(config: DataConfig, folder: Path, base: Optional[Path]
     return read_sequences(sequence_path, items_path, items, config.encoding, config.user_column, config.item_column)
 
 
-def _guess_format(folder: Path, interactions_name: Optional[str]) -> str:
-    """The layout of a folder, or 'sequences' / 'by-extension' for a named interactions file."""
+def _guess_format(folder: Path, interactions_name: Optional[str], delimiter: Optional[str]) -> str:
+    """The layout of a folder, or 'sequences' / 'by-extension' for a named interactions file.
+
+    A set data.delimiter says the file is a table, so it is never taken for a sequence file.
+    """
     if interactions_name is None:
         return _detect_folder_format(folder)
     path = Path(interactions_name).expanduser()
     path = path if path.is_absolute() else folder / path
-    return "sequences" if path.is_file() and looks_like_sequence_file(path) else "by-extension"
+    if delimiter is None and path.is_file() and looks_like_sequence_file(path):
+        return "sequences"
+    return "by-extension"
 
 
 def _fixed_columns(config: DataConfig) -> ColumnNames:

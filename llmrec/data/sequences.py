@@ -30,10 +30,10 @@ _HEADER_WORDS = {"user", "userid", "uid", "users", "sessionid", "session"}
 
 
 def looks_like_sequence_file(path: Path) -> bool:
-    """For data.format auto: sequences.txt by name, or a .txt file whose first line has no tab or comma.
+    """For data.format auto: sequences.txt by name, or a .txt file whose first line is space-separated words.
 
-    A tab-separated .txt stays a tsv table, and a .txt with commas goes to the sequence reader, which then
-    explains that the file is really CSV.
+    A .txt table (tab-, comma- or otherwise-separated, e.g. 'user_id;item_id') stays a tsv table, whose
+    reader names the delimiter it seems to use.
     """
     if path.name == SEQUENCES_FILE_NAME:
         return True
@@ -41,7 +41,7 @@ def looks_like_sequence_file(path: Path) -> bool:
         return False
     with path.open("rb") as handle:
         first_line = handle.readline(65536)
-    return b"\t" not in first_line and b"," not in first_line
+    return b"\t" not in first_line and b"," not in first_line and len(first_line.split()) >= 2
 
 
 def default_items_file(folder: Path) -> Optional[Path]:
