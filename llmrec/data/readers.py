@@ -51,6 +51,9 @@ class RawTables:
 
     `users_file` is the layout's own user-attributes file when the folder has one (RecBole
     `{dataset_name}.user`, MovieLens `u.user`); it is only located here and read by the loader.
+    Sequence files set `timestamps_are_positions` (each "timestamp" is a position within its user's
+    history, not a shared clock), `empty_item_text_is_error` (their items file exists only to give
+    text) and, without an items file, `item_text_from_ids`.
     """
 
     interactions: pd.DataFrame
@@ -59,6 +62,9 @@ class RawTables:
     interactions_source: str
     items_source: str
     users_file: Optional[Path] = None
+    timestamps_are_positions: bool = False
+    empty_item_text_is_error: bool = False
+    item_text_from_ids: bool = False
 
 
 _MOVIELENS_COLUMNS = ColumnNames()  # MovieLens readers already name their columns canonically
@@ -126,6 +132,11 @@ def read_delimited(path: Path, separator: str, *, quoting: int = csv.QUOTE_MINIM
                 header=0 if header else None, names=names, engine="c", index_col=False,
             )
     except pd.errors.ParserError as error:
+        unclosed = re.search(r"EOF inside string starting at row (\d+)", str(error))
+        if unclosed:  # pandas counts rows from 0, blank lines and header included
+            raise DataError(f"{path} line {int(unclosed.group(1)) + 1} opens a quoted field (\") that is never closed, "
+                            "so the rest of the file would be read as one value. Close or remove the quote, or set "
+                            "data.format: tsv for files whose values contain quotes.") from None
         raise DataError(f"{path} could not be parsed as {shown_separator!r}-separated text: {str(error).strip()}."
                         f"{_separator_hint(text, shown_separator)}") from None
     if any(issubclass(warning.category, pd.errors.ParserWarning) for warning in caught):
@@ -289,5 +300,17 @@ def read_json_lines(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
                             "JSON Lines files need one JSON object per line.") from None
         if not isinstance(record, dict):
             raise DataError(f"{path} line {line_number} is a JSON {type(record).__name__}, not an object.")
+        if "\\u" in line:
+            _reject_lone_surrogates(record, path, line_number)
         records.append(record)
     return pd.DataFrame.from_records(records)
+
+
+def _reject_lone_surrogates(record: dict, path: Path, line_number: int) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"); such a string is no text and breaks every later step."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"{path} line {line_number} has an escaped lone surrogate {error.object[error.start]!r} "
+                        "(half of a UTF-16 pair), which is not text; fix the file's escapes (e.g. re-export it as "
+                        "UTF-8 with ensure_ascii=False).") from None
