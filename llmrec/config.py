@@ -565,7 +565,7 @@ def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ConfigError(f"Config file {path} is not UTF-8 text (byte {error.start}: {error.reason}); "
+        raise ConfigError(f"Config file {path} is not UTF-8 text (at byte offset {error.start}: {error.reason}); "
                           "save it as UTF-8.") from None
     except OSError as error:
         raise ConfigError(f"Config file {path} cannot be read ({error.strerror or error}).") from None
