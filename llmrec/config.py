@@ -572,9 +572,17 @@ def _read_yaml(path: Path) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"Config file {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"Config file {path} is not valid YAML: {_yaml_problem(error)}") from None
     except ConfigError as error:
         raise ConfigError(f"Config file {path}: {error}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line where yaml prints several (with the source line and a caret): where, and what is wrong."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}."
+    return " ".join(str(error).split())
 
 
 def save_config(config: ExperimentConfig, path: Union[str, Path]) -> None:
