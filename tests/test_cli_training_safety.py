@@ -4,7 +4,6 @@ a broken checkpoint and refuses lost random states."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import logging
@@ -370,7 +369,12 @@ def test_rebuild_copy_failure_leaves_the_target_intact(monkeypatch, capsys, mode
         return shutil.copy2(source, destination, **kwargs)
 
     real_copytree = shutil.copytree
-    monkeypatch.setattr(shutil, "copytree", functools.partial(real_copytree, copy_function=copy_until_the_disk_is_full))
+
+    def copytree(source, destination, symlinks=False, ignore=None, copy_function=None, *rest, **kwargs):
+        # Subfolders recurse through shutil.copytree with positional arguments.
+        return real_copytree(source, destination, symlinks, ignore, copy_until_the_disk_is_full, *rest, **kwargs)
+
+    monkeypatch.setattr(shutil, "copytree", copytree)
     code, _, err = run_cli(capsys, "index", model_dir, "--rebuild", "--output", target, "--overwrite")
     assert_one_error_line(code, err, "No space left on device", "left as it was")
     assert _snapshot(target) == before
