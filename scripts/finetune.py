@@ -26,8 +26,11 @@ training.encode_batch_size and evaluation.batch_size, and the number of processe
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+
+import yaml
 
 from llmrec.config import load_config
 from llmrec.errors import ConfigError, LlmRecError
@@ -55,8 +58,14 @@ def main(argv: list[str] | None = None) -> int:
             overrides += [f"--output_dir={arguments.output_dir}"]
         config = load_config(arguments.config, overrides)
         run_finetune(config, resume_from=arguments.resume, resume_ignore_rng=arguments.resume_ignore_rng)
-    except LlmRecError as error:
+    except (LlmRecError, OSError) as error:  # OSError: e.g. a disk that fills up while the model is saved
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, yaml.YAMLError) as error:
+        # Unparsable text in a file read without naming it: still one line. Other ValueErrors are bugs.
+        if not isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, yaml.YAMLError)):
+            raise
+        print(f"error: a file could not be parsed ({' '.join(f'{type(error).__name__}: {error}'.split())}).", file=sys.stderr)
         return 2
     return 0
 
