@@ -316,9 +316,10 @@ class RetrievalSettings:
     ivf_nprobe: Optional[int] = field(default=None, metadata={"help": "IVF lists scanned per query (index_type ivf)."})
 
     def validate(self) -> None:
-        if not 0 < self.num_candidates <= MAX_NUM_CANDIDATES:
-            raise ConfigError(f"retrieval.num_candidates must be positive and at most {MAX_NUM_CANDIDATES}, "
-                              f"got {self.num_candidates}.")
+        if self.num_candidates <= 0:
+            raise ConfigError(f"retrieval.num_candidates must be positive, got {self.num_candidates}.")
+        if self.num_candidates > MAX_NUM_CANDIDATES:
+            raise ConfigError(f"retrieval.num_candidates must be at most {MAX_NUM_CANDIDATES}, got {self.num_candidates}.")
         _check_choice("retrieval.index_type", self.index_type, ["flat", "hnsw", "ivf"])
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
