@@ -14,10 +14,13 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, TextIO
+
+import yaml
 
 from .errors import DataError, LlmRecError, ModelFolderError, UnknownItemError
 
@@ -126,11 +129,19 @@ def _recommend_options(arguments: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read_histories(path: Path, known_item_ids: set[str]) -> Iterator[tuple[Any, list[str]]]:
-    """(user_id, history) per JSONL line; an unknown id is reported with its line number rather than a batch position."""
+    """(user_id, history) per JSONL line; a bad line is reported with its number rather than a batch position.
+
+    Lines are decoded one by one, so that a non-UTF-8 byte is also named by its line.
+    """
     if not path.is_file():
         raise DataError(f"Histories file {path} does not exist.")
-    with open(path, encoding="utf-8-sig") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw_line in enumerate(handle, start=1):
+            try:
+                line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path} line {line_number} is not UTF-8 text (byte {error.start + 1} of the line: "
+                                f"{error.reason}); save the file as UTF-8.") from None
             if not line.strip():
                 continue
             try:
@@ -147,6 +158,16 @@ def _read_histories(path: Path, known_item_ids: set[str]) -> Iterator[tuple[Any,
             if unknown:
                 raise DataError(f"{path} line {line_number}: {UnknownItemError(unknown)}")
             yield record.get("user_id"), history
+
+
+def _validated_histories(path: Path, known_item_ids: set[str]) -> Iterator[tuple[Any, list[str]]]:
+    """Read the whole file once to check every line before any result is written, then stream it again.
+
+    On stdout there is no taking back: an error at line 300 must not come after 256 printed results.
+    """
+    for _ in _read_histories(path, known_item_ids):
+        pass
+    return _read_histories(path, known_item_ids)
 
 
 def _batches(records: Iterator[tuple[Any, list[str]]], size: int) -> Iterator[list[tuple[Any, list[str]]]]:
@@ -171,7 +192,7 @@ def command_recommend(arguments: argparse.Namespace) -> int:
         _print_ranked(recommender, ranked, arguments.json)
         return 0
 
-    records = _read_histories(Path(arguments.histories_file), set(recommender.item_ids))
+    records = _validated_histories(Path(arguments.histories_file), set(recommender.item_ids))
 
     def write_lines(stream: TextIO) -> int:
         written = 0
@@ -304,29 +325,67 @@ def _read_item_table(arguments: argparse.Namespace) -> tuple[list[str], list[str
     return item_ids, ["" if text is None else str(text) for text in table[arguments.text_column]]
 
 
-def rebuild_index(model_folder: Path, output: Path) -> "Recommender":
+def rebuild_index(model_folder: Path, output: Path, overwrite: bool = False) -> "Recommender":
     """Write a FAISS index built from the model's own item embeddings into `output`, then load it normally.
 
     The index is built from the weights alone, before `Recommender.from_pretrained`, because a missing,
-    corrupt or stale index is exactly what makes `from_pretrained` refuse a folder.
+    corrupt or stale index is exactly what makes `from_pretrained` refuse a folder. Into another folder,
+    the whole new model folder is built aside and swapped in by renames, so a failure (a full disk) leaves
+    `output` as it was; a non-empty `output` is replaced only with `overwrite`.
     """
-    import shutil
+    if not (model_folder / "config.json").is_file():
+        raise ModelFolderError(f"{model_folder} is not a model folder (no config.json); pass the output_dir of a finetune run.")
+    if output.exists() and output.resolve() == model_folder.resolve():
+        _write_rebuilt_index(output)  # in place: only the index (and its sidecar) are rewritten, each atomically
+        return _load(str(output))
+    _check_rebuild_target(model_folder, output, overwrite)
+    from .utils.io import atomic_write
 
+    with atomic_write(output) as staging:
+        try:
+            shutil.copytree(model_folder, staging)
+        except (shutil.Error, OSError) as error:
+            raise ModelFolderError(
+                f"Could not copy {model_folder} to {output} ({_copy_failure(error)}); {output} was left as it was."
+            ) from None
+        _write_rebuilt_index(staging)
+    return _load(str(output))
+
+
+def _check_rebuild_target(model_folder: Path, output: Path, overwrite: bool) -> None:
+    model, target = model_folder.resolve(), output.resolve()
+    if target.is_relative_to(model) or model.is_relative_to(target):
+        raise ArgumentError(f"--output {output} lies inside {model_folder} or contains it; choose a separate folder.")
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        raise ArgumentError(f"--output {output} exists and is not a folder; choose a folder path.")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ArgumentError(
+            f"--output {output} is not empty; pass --overwrite to replace it with the rebuilt model, "
+            "or choose a new folder."
+        )
+
+
+def _copy_failure(error: OSError) -> str:
+    """shutil.copytree reports failed files as a list of (source, destination, reason): name the first."""
+    if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list) and error.args[0]:
+        failures = error.args[0]
+        source, _, reason = failures[0]
+        more = f" and {len(failures) - 1} more file(s)" if len(failures) > 1 else ""
+        return f"{Path(source).name}: {reason}{more}"
+    return error.strerror or str(error)
+
+
+def _write_rebuilt_index(folder: Path) -> None:
     from .modeling import LlmRecModel
     from .recommender import INDEX_FILE
     from .retrieval import build_item_index
 
-    if not (model_folder / "config.json").is_file():
-        raise ModelFolderError(f"{model_folder} is not a model folder (no config.json); pass the output_dir of a finetune run.")
-    if output.resolve() != model_folder.resolve():
-        shutil.copytree(model_folder, output, dirs_exist_ok=True)
     try:
-        model = LlmRecModel.from_pretrained(output, use_safetensors=True)
+        model = LlmRecModel.from_pretrained(folder, use_safetensors=True)
     except Exception as error:  # corrupt weights: the index cannot be rebuilt from them
-        raise ModelFolderError(f"Could not load the model weights in {output} to rebuild the index ({error}).") from error
-    index_type, params = _recorded_index_type(output / INDEX_FILE)
-    build_item_index(model, index_type, **params).save(output / INDEX_FILE)
-    return _load(str(output))
+        raise ModelFolderError(f"Could not load the model weights in {folder} to rebuild the index ({error}).") from error
+    index_type, params = _recorded_index_type(folder / INDEX_FILE)
+    build_item_index(model, index_type, **params).save(folder / INDEX_FILE)
 
 
 def _recorded_index_type(index_path: Path) -> tuple[str, dict[str, Any]]:
@@ -346,9 +405,11 @@ def command_index(arguments: argparse.Namespace) -> int:
             f"{arguments.model} is not a local model folder; --rebuild needs one, and --add-items needs --output DIR "
             "for a Hub model."
         )
+    if arguments.overwrite and not (arguments.rebuild and arguments.output):
+        raise ArgumentError("--overwrite goes with --rebuild --output DIR (see `llmrec index --help`)")
     output = Path(arguments.output or arguments.model)
     if arguments.rebuild:
-        recommender = rebuild_index(Path(arguments.model), output)
+        recommender = rebuild_index(Path(arguments.model), output, overwrite=arguments.overwrite)
         summary: dict[str, Any] = {"rebuilt": True}
     else:
         item_ids, item_texts = _read_item_table(arguments)
@@ -449,7 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(none = a cold user, who gets the most popular items).")
     source.add_argument("--histories-file", metavar="FILE.jsonl", help='One {"user_id": ..., "history": [...]} per line; '
                         "writes one JSON line of recommendations per user.")
-    recommend.add_argument("-k", type=_positive_int, default=10, help="How many items to return (default 10).")
+    recommend.add_argument("-k", type=_positive_int, default=10, help="How many items to return (default 10): a positive "
+                           "integer; at most the catalogue's size are returned, and k beyond the library's hard cap "
+                           "is refused with an error.")
     recommend.add_argument("--exclude", nargs="+", metavar="ID", help="Never recommend these items.")
     recommend.add_argument("--only", nargs="+", metavar="ID", help="Recommend only among these items.")
     recommend.add_argument("--include-history", action="store_true", help="Allow items already in the history.")
@@ -489,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--format", choices=["auto", "csv", "tsv", "jsonl", "parquet"], default="auto",
                        help="Format of --add-items (default: from the file extension).")
     index.add_argument("--output", metavar="DIR", help="Save the updated model here instead of back into MODEL.")
+    index.add_argument("--overwrite", action="store_true", help="With --rebuild --output: replace a non-empty DIR "
+                       "(the new folder is built aside and swapped in whole; without this a non-empty DIR is refused).")
 
     explain = _add_command(
         subcommands, "explain", "How much each history item weighed in an item's score (cross-attention weights).",
@@ -535,6 +600,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (LlmRecError, ArgumentError, OSError) as error:  # OSError: an unwritable --output, a missing folder, ...
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except (ValueError, yaml.YAMLError) as error:
+        # Unparsable text in a file the library reads without naming it (a model folder's eval_results.json or
+        # config.yaml): still one line, never a traceback. Other ValueErrors are bugs and propagate.
+        if not isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, yaml.YAMLError)):
+            raise
+        print(f"error: a file could not be parsed ({_one_line(error)}); check the model folder's JSON and YAML "
+              "files (eval_results.json, config.yaml) and the files you passed.", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 if __name__ == "__main__":

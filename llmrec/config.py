@@ -21,6 +21,13 @@ import yaml
 
 from .errors import ConfigError
 
+# Seeds go to random.seed, np.random.seed (which takes 0..2**32-1 only) and torch.manual_seed.
+MAX_SEED = 2**32 - 1
+# Upper bound of retrieval.num_candidates: FAISS and the head allocate batch x num_candidates arrays.
+# The same limit as MAX_NUM_CANDIDATES in llmrec/modeling/configuration_llmrec.py (kept here as a literal
+# until the two branches are merged; config.py must not import modeling).
+MAX_NUM_CANDIDATES = 10_000
+
 
 @dataclass
 class DataConfig:
@@ -289,6 +296,7 @@ class TrainingSettings:
     encode_batch_size: int = 256
 
     def validate(self) -> None:
+        check_seed("training.seed", self.seed)
         _check_choice("training.mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
         _check_choice("training.loss", self.loss, ["auto", "full_softmax", "sampled_softmax"])
         for name in ("retrieval_learning_rate", "rerank_learning_rate", "profile_learning_rate"):
@@ -328,6 +336,8 @@ class RetrievalSettings:
     def validate(self) -> None:
         if self.num_candidates <= 0:
             raise ConfigError(f"retrieval.num_candidates must be positive, got {self.num_candidates}.")
+        if self.num_candidates > MAX_NUM_CANDIDATES:
+            raise ConfigError(f"retrieval.num_candidates must be at most {MAX_NUM_CANDIDATES}, got {self.num_candidates}.")
         _check_choice("retrieval.index_type", self.index_type, ["flat", "hnsw", "ivf"])
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
@@ -367,6 +377,9 @@ class ExperimentConfig:
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def validate(self) -> "ExperimentConfig":
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir is empty; give the folder the model, index and eval_results.json go to.")
+        check_seed("data.seed", self.data.seed)  # here, not in DataConfig.validate: one check for every seed
         for section in (self.data, self.model, self.lora, self.training, self.retrieval, self.evaluation):
             if section is not None:
                 section.validate()
@@ -379,6 +392,12 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_seed(name: str, value: int) -> None:
+    """Refuse a seed that random / numpy / torch would reject (or silently wrap) at the start of training."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name} must be an integer in 0..{MAX_SEED} (2**32 - 1), got {value}.")
 
 
 def _check_choice(name: str, value: str, choices: list[str]) -> None:
@@ -530,16 +549,59 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist; pass --config with a YAML file such as configs/ml100k.yaml.")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"Config file {path} is not valid YAML: {error}") from None
+        values = _read_yaml(path)
         if not isinstance(values, dict):
             raise ConfigError(f"Config file {path} must hold a mapping of sections, got {type(values).__name__}.")
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     values = _deep_merge(values, overrides or {})
     return _build_dataclass(ExperimentConfig, values).validate()
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error, not a silent 'last one wins'."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                seen = key in first_lines
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+            if seen:
+                raise ConfigError(
+                    f"key {key!r} appears twice in one section (line {first_lines[key]} and line {line}); keep one."
+                )
+            first_lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"Config file {path} is not UTF-8 text (at byte offset {error.start}: {error.reason}); "
+                          "save it as UTF-8.") from None
+    except OSError as error:
+        raise ConfigError(f"Config file {path} cannot be read ({error.strerror or error}).") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"Config file {path} is not valid YAML: {_yaml_problem(error)}") from None
+    except ConfigError as error:
+        raise ConfigError(f"Config file {path}: {error}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line where yaml prints several (with the source line and a caret): where, and what is wrong."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}."
+    return " ".join(str(error).split())
 
 
 def save_config(config: ExperimentConfig, path: Union[str, Path]) -> None:

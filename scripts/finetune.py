@@ -10,8 +10,12 @@ Resuming: with ``--training.checkpoint_every_steps N`` the run saves a checkpoin
 and at the end of each stage into ``<output_dir>/checkpoints`` (the two most advanced are kept; a fresh run
 removes an earlier run's). After a crash or kill, run the same command again with
 
-    --resume              continue from the most advanced checkpoint in <output_dir>/checkpoints
+    --resume              continue from the most advanced intact checkpoint in <output_dir>/checkpoints
+                          (a broken one, e.g. truncated by a full disk, is skipped with a warning naming it)
     --resume CHECKPOINT   continue from that checkpoint folder
+
+Random states that cannot be restored stop the resume (the run would not match an uninterrupted one);
+--resume-ignore-rng resumes anyway.
 
 It goes on from the next batch of the interrupted epoch (a stage the checkpoint had finished is not trained
 again) and, with the same seed and hardware, ends with the same metrics as an uninterrupted run. The config
@@ -22,11 +26,14 @@ training.encode_batch_size and evaluation.batch_size, and the number of processe
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
+import yaml
+
 from llmrec.config import load_config
-from llmrec.errors import LlmRecError
+from llmrec.errors import ConfigError, LlmRecError
 from llmrec.training import run_finetune
 
 
@@ -38,15 +45,27 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", nargs="?", const="latest", metavar="CHECKPOINT",
         help="Continue an interrupted run: from CHECKPOINT, or without it from the latest in <output_dir>/checkpoints.",
     )
+    parser.add_argument(
+        "--resume-ignore-rng", action="store_true",
+        help="With --resume: go on even if the checkpoint's random states cannot be restored (not reproducible).",
+    )
     arguments, overrides = parser.parse_known_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        if arguments.output_dir:
+        if arguments.resume_ignore_rng and arguments.resume is None:
+            raise ConfigError("--resume-ignore-rng goes with --resume.")
+        if arguments.output_dir is not None:  # `--output_dir=` too, which the config then refuses as empty
             overrides += [f"--output_dir={arguments.output_dir}"]
         config = load_config(arguments.config, overrides)
-        run_finetune(config, resume_from=arguments.resume)
-    except LlmRecError as error:
+        run_finetune(config, resume_from=arguments.resume, resume_ignore_rng=arguments.resume_ignore_rng)
+    except (LlmRecError, OSError) as error:  # OSError: e.g. a disk that fills up while the model is saved
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, yaml.YAMLError) as error:
+        # Unparsable text in a file read without naming it: still one line. Other ValueErrors are bugs.
+        if not isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, yaml.YAMLError)):
+            raise
+        print(f"error: a file could not be parsed ({' '.join(f'{type(error).__name__}: {error}'.split())}).", file=sys.stderr)
         return 2
     return 0
 

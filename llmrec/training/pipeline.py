@@ -22,6 +22,7 @@ from ..modeling import LlmRecModel
 from ..modeling.text_encoding import encode_catalogue, tokenize_item_texts
 from ..recommender import Recommender
 from ..retrieval import CandidatePipeline
+from .preflight import preflight
 from .profiles import embed_user_profiles, fit_user_profiles, profile_score_functions
 from .trainer import LlmRecTrainer, find_checkpoint, rerank_score_function, retrieval_score_function
 
@@ -75,11 +76,15 @@ def set_cpu_threads(requested: Optional[int], local_processes: int) -> int:
     return threads
 
 
-def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) -> dict[str, Any]:
+def run_finetune(
+    config: ExperimentConfig, resume_from: Optional[str] = None, resume_ignore_rng: bool = False
+) -> dict[str, Any]:
     """Train both stages, evaluate popularity / retrieval / rerank, and save everything to `output_dir`.
 
     `resume_from` continues an interrupted run from a checkpoint folder, or from the most advanced one in
-    `<output_dir>/checkpoints` if it is "latest"; the config must match the checkpoint's (ConfigError otherwise).
+    `<output_dir>/checkpoints` if it is "latest" (the newest intact one; a broken one is skipped with a warning);
+    the config must match the checkpoint's (ConfigError otherwise). Random states that cannot be restored are a
+    ConfigError too, since the run would then not reproduce an uninterrupted one, unless `resume_ignore_rng`.
 
     With `model.use_user_profiles`, the profile projection is fitted after both stages (towers and head
     frozen, `training.profile_*`) on the users' profile texts, and a split with cold examples is evaluated
@@ -88,8 +93,12 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
     """
     started = time.perf_counter()
     settings = config.training
-    # Before any data is loaded, so a missing or mismatched checkpoint fails at once.
-    checkpoint = find_checkpoint(config, resume_from) if resume_from is not None else None
+    # Before any data is loaded, so a bad setting or a missing or mismatched checkpoint fails at once.
+    encoder_path = resolve_encoder(config)
+    preflight(config, encoder_path)
+    checkpoint = None
+    if resume_from is not None:
+        checkpoint = find_checkpoint(config, resume_from, ignore_rng_state=resume_ignore_rng)
     accelerator = Accelerator(
         cpu=_distributed_without_gpu(),
         mixed_precision=settings.mixed_precision,
@@ -111,7 +120,6 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
     logger.info("Data: %d users, %d items, %d valid / %d test users.", len(split.user_ids), split.num_items, len(split.valid), len(split.test))
 
     stage_start = time.perf_counter()
-    encoder_path = resolve_encoder(config)
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
     # The profile path is added after training (`enable_user_profiles`), so the stages and their checkpoints
     # are those of a model without it.
@@ -133,7 +141,9 @@ def run_finetune(config: ExperimentConfig, resume_from: Optional[str] = None) ->
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     timings["item_encoding_seconds"] = time.perf_counter() - stage_start
 
-    trainer = LlmRecTrainer(model, split, config, accelerator, tokenized_items, resume_from=checkpoint)
+    trainer = LlmRecTrainer(
+        model, split, config, accelerator, tokenized_items, resume_from=checkpoint, resume_ignore_rng=resume_ignore_rng
+    )
     best_retrieval = trainer.train_retrieval()
     best_rerank = trainer.train_reranker()
     timings.update(trainer.timings)

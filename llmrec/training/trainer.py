@@ -21,13 +21,16 @@ import math
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import SAFE_WEIGHTS_NAME
+from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME
+from accelerate.utils import load as load_torch_file
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.utils.data import DataLoader, Sampler
@@ -153,16 +156,15 @@ def list_checkpoints(folder: Union[str, Path]) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def find_checkpoint(config: ExperimentConfig, resume_from: Union[str, Path]) -> Path:
-    """The checkpoint to resume from ("latest": the most advanced in `<output_dir>/checkpoints`), checked against `config`."""
+def find_checkpoint(config: ExperimentConfig, resume_from: Union[str, Path], ignore_rng_state: bool = False) -> Path:
+    """The checkpoint to resume from, checked against `config`.
+
+    "latest" is the most advanced intact checkpoint in `<output_dir>/checkpoints`; broken ones (see
+    `checkpoint_problem`) are skipped with a warning that names them. A checkpoint given by path must be intact.
+    Random states that cannot be read are a ConfigError unless `ignore_rng_state`.
+    """
     if str(resume_from) == "latest":
-        checkpoints = list_checkpoints(checkpoint_root(config))
-        if not checkpoints:
-            raise ConfigError(
-                f"Nothing to resume from: no checkpoint in {checkpoint_root(config)}. Checkpoints are saved when "
-                "training.checkpoint_every_steps > 0; run without resuming to start from scratch."
-            )
-        checkpoint = checkpoints[-1]
+        checkpoint = _latest_intact_checkpoint(checkpoint_root(config))
     else:
         checkpoint = Path(resume_from).expanduser()
         if not (checkpoint / TRAINER_STATE_NAME).is_file():
@@ -170,8 +172,120 @@ def find_checkpoint(config: ExperimentConfig, resume_from: Union[str, Path]) -> 
                 f"{checkpoint} is not a checkpoint folder (no {TRAINER_STATE_NAME}); give one of the folders in "
                 "<output_dir>/checkpoints, or resume from the latest one."
             )
-    check_resumable(read_trainer_state(checkpoint), config, checkpoint)
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            raise ConfigError(f"Cannot resume from {checkpoint}: it is broken ({problem}). Resume from another "
+                              "checkpoint of <output_dir>/checkpoints, or from the latest intact one with --resume.")
+    trainer_state = read_trainer_state(checkpoint)
+    check_resumable(trainer_state, config, checkpoint)
+    for process_index in range(int(trainer_state["num_processes"])):
+        try:
+            read_rng_state(checkpoint, process_index)
+        except ConfigError as error:
+            if not ignore_rng_state:
+                raise
+            logger.warning("%s Resuming without them, as --resume-ignore-rng asks.", error)
     return checkpoint
+
+
+def _latest_intact_checkpoint(folder: Path) -> Path:
+    checkpoints = list_checkpoints(folder)
+    published = sorted(path for path in folder.glob("[!.]*") if path.is_dir()) if folder.is_dir() else []
+    # A folder whose trainer state is unreadable cannot be ordered: it is only reported.
+    broken = {path: "trainer_state.json is missing or unreadable" for path in published if path not in checkpoints}
+    chosen = None
+    for checkpoint in reversed(checkpoints):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            chosen = checkpoint
+            break
+        broken[checkpoint] = problem
+    for path, problem in broken.items():
+        logger.warning("Checkpoint %s is broken (%s); it is not resumed from.", path, problem)
+    if chosen is None:
+        found = f" ({len(broken)} broken one(s) were skipped, see the warnings)" if broken else ""
+        raise ConfigError(
+            f"Nothing to resume from: no intact checkpoint in {folder}{found}. Checkpoints are saved when "
+            "training.checkpoint_every_steps > 0; run without resuming to start from scratch."
+        )
+    if broken:
+        logger.warning("Resuming from %s, the most advanced intact checkpoint.", chosen)
+    return chosen
+
+
+def checkpoint_problem(checkpoint: Path) -> Optional[str]:
+    """Why `checkpoint` cannot be resumed from, or None if it is intact.
+
+    Intact: trainer_state.json parses into a known progress, the weights and best weights have readable
+    safetensors headers whose tensors fit in the file, the optimizer state is a complete torch archive
+    (its zip directory is at the end of the file, so a truncated one fails), and every process has its
+    random-state file.
+    """
+    try:
+        trainer_state = read_trainer_state(checkpoint)
+        TrainingProgress(**trainer_state["progress"])
+        num_processes = int(trainer_state["num_processes"])
+        for key in ("config", "finished_stages", "timings", "data_fingerprint"):
+            trainer_state[key]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{TRAINER_STATE_NAME} is unreadable: {_first_line(error)}"
+    for name in (SAFE_WEIGHTS_NAME, BEST_STATE_NAME):
+        problem = _safetensors_problem(checkpoint / name)
+        if problem:
+            return problem
+    optimizer_file = checkpoint / f"{OPTIMIZER_NAME}.bin"
+    if not zipfile.is_zipfile(optimizer_file):
+        return f"{optimizer_file.name} is missing or truncated"
+    missing = [name for name in (_rng_file_name(index) for index in range(num_processes)) if not (checkpoint / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    return None
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        with safe_open(path, framework="pt") as handle:
+            handle.keys()  # the header; safe_open also checks that every tensor's bytes lie inside the file
+    except Exception as error:  # SafetensorError and OSError: the file is truncated or garbled
+        return f"{path.name} is unreadable ({_first_line(error)})"
+    return None
+
+
+def _first_line(error: BaseException, width: int = 120) -> str:
+    """Torch's load errors run to a page of advice; a log line or error message needs their first line."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _rng_file_name(process_index: int) -> str:
+    return f"{RNG_STATE_NAME}_{process_index}.pkl"
+
+
+def read_rng_state(checkpoint: Path, process_index: int) -> dict[str, Any]:
+    """The random states `Accelerator.save_state` wrote for one process, or a ConfigError saying why not.
+
+    Accelerate's `load_state` only logs when it cannot restore them, and the resumed run would then draw
+    other dropout masks and negatives than the interrupted one, so they are read here first. The file is
+    the user's own training output, written by `Accelerator.save_state` with torch.save; it is read as
+    `load_state` reads it (accelerate's `load`, i.e. torch.load with weights_only=True), which runs no code.
+    """
+    path = checkpoint / _rng_file_name(process_index)
+    try:
+        states = load_torch_file(path)
+        required = ("random_state", "numpy_random_seed", "torch_manual_seed")
+        if not isinstance(states, dict) or any(key not in states for key in required):
+            raise ValueError(f"it lacks {', '.join(key for key in required if not isinstance(states, dict) or key not in states)}")
+        if not isinstance(states["torch_manual_seed"], torch.Tensor):
+            raise ValueError("torch_manual_seed is not a tensor")
+    except Exception as error:  # truncated, garbled or foreign: any failure means the states are lost
+        raise ConfigError(
+            f"The random states of checkpoint {checkpoint} ({path.name}) cannot be read ({_first_line(error)}), so the resumed run "
+            "would not reproduce an uninterrupted one. Resume from an older checkpoint (--resume CHECKPOINT), or "
+            "pass --resume-ignore-rng to resume anyway."
+        ) from None
+    return states
 
 
 def check_resumable(trainer_state: dict[str, Any], config: ExperimentConfig, checkpoint: Path) -> None:
@@ -234,6 +348,7 @@ class LlmRecTrainer:
         accelerator: Accelerator,
         tokenized_items: dict[str, torch.Tensor],
         resume_from: Optional[Union[str, Path]] = None,
+        resume_ignore_rng: bool = False,
     ) -> None:
         self.model = model
         self.split = split
@@ -252,6 +367,7 @@ class LlmRecTrainer:
         self.finished_stages: dict[str, dict] = {}  # stage -> its best valid metrics
         self._collate_position = (1, 0)  # (epoch, batch) of the next batch the loader collates
         self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.resume_ignore_rng = resume_ignore_rng
         self.resumed: Optional[TrainingProgress] = None
         if self.resume_from is not None:
             self._read_resume_point()
@@ -549,10 +665,26 @@ class LlmRecTrainer:
     def _load_checkpoint(self) -> tuple[TrainingProgress, dict[str, torch.Tensor]]:
         """Model, optimizer, RNG states and loop progress of the stage the checkpoint was saved in."""
         self.accelerator.load_state(str(self.resume_from))
+        self._check_rng_restored()
         device = self.accelerator.device
         best_state = {key: value.to(device) for key, value in load_file(self.resume_from / BEST_STATE_NAME).items()}
         progress, self.resumed = self.resumed, None  # later stages start afresh
         return progress, best_state
+
+    def _check_rng_restored(self) -> None:
+        """`load_state` swallows a failure to restore the random states: compare them with the file's."""
+        try:
+            states = read_rng_state(self.resume_from, self.accelerator.process_index)
+            if not torch.equal(torch.get_rng_state(), states["torch_manual_seed"]):
+                raise ConfigError(
+                    f"The random states of checkpoint {self.resume_from} could not be restored, so the resumed run "
+                    "would not reproduce an uninterrupted one. Resume from an older checkpoint, or pass "
+                    "--resume-ignore-rng to resume anyway."
+                )
+        except ConfigError as error:
+            if not self.resume_ignore_rng:
+                raise
+            logger.warning("%s Resuming without them, as --resume-ignore-rng asks.", error)
 
     def _restore_finished_stage(self, stage: str) -> dict[str, float]:
         """A checkpoint of a later stage holds this stage's final weights (and item cache): load them, do not train."""
