@@ -103,11 +103,11 @@ def silence_progress_bars() -> None:
     datasets.disable_progress_bars()
 
 
-def _load(model: str) -> "Recommender":
+def _load(model: str, verify: bool = True) -> "Recommender":
     from .recommender import Recommender
 
     logger.info("Loading %s", model)
-    return Recommender.from_pretrained(model)
+    return Recommender.from_pretrained(model, verify=verify)
 
 
 def _positive_int(value: str) -> int:
@@ -185,7 +185,7 @@ def _batches(records: Iterator[tuple[Any, list[str]]], size: int) -> Iterator[li
 
 
 def command_recommend(arguments: argparse.Namespace) -> int:
-    recommender = _load(arguments.model)
+    recommender = _load(arguments.model, verify=not arguments.no_verify)
     options = _recommend_options(arguments)
     if arguments.histories_file is None:
         ranked = recommender.recommend(list(arguments.history), k=arguments.k, **options)
@@ -215,7 +215,7 @@ def command_recommend(arguments: argparse.Namespace) -> int:
 
 
 def command_rerank(arguments: argparse.Namespace) -> int:
-    recommender = _load(arguments.model)
+    recommender = _load(arguments.model, verify=not arguments.no_verify)
     ranked = recommender.rerank(list(arguments.history), list(arguments.candidates))
     _print_ranked(recommender, ranked, arguments.json)
     return 0
@@ -278,7 +278,7 @@ def command_evaluate(arguments: argparse.Namespace) -> int:
     from .config import load_config
 
     config = load_config(arguments.config)
-    recommender = _load(arguments.model)
+    recommender = _load(arguments.model, verify=not arguments.no_verify)
     splits = SPLITS if arguments.split == "both" else (arguments.split,)
     results = evaluate_saved_model(recommender, config, splits)
     if arguments.output:
@@ -379,6 +379,8 @@ def _write_rebuilt_index(folder: Path) -> None:
     from .modeling import LlmRecModel
     from .recommender import INDEX_FILE
     from .retrieval import build_item_index
+    from .retrieval.index import sidecar_path
+    from .utils.integrity import record_checksums
 
     try:
         model = LlmRecModel.from_pretrained(folder, use_safetensors=True)
@@ -386,6 +388,7 @@ def _write_rebuilt_index(folder: Path) -> None:
         raise ModelFolderError(f"Could not load the model weights in {folder} to rebuild the index ({error}).") from error
     index_type, params = _recorded_index_type(folder / INDEX_FILE)
     build_item_index(model, index_type, **params).save(folder / INDEX_FILE)
+    record_checksums(folder, only=(INDEX_FILE, sidecar_path(INDEX_FILE).name))
 
 
 def _recorded_index_type(index_path: Path) -> tuple[str, dict[str, Any]]:
@@ -413,7 +416,7 @@ def command_index(arguments: argparse.Namespace) -> int:
         summary: dict[str, Any] = {"rebuilt": True}
     else:
         item_ids, item_texts = _read_item_table(arguments)
-        recommender = _load(arguments.model)
+        recommender = _load(arguments.model, verify=not arguments.no_verify)
         recommender.add_items(item_ids, item_texts)
         recommender.save_pretrained(output)
         summary = {"added": len(item_ids)}
@@ -428,7 +431,7 @@ def command_index(arguments: argparse.Namespace) -> int:
 
 
 def command_explain(arguments: argparse.Namespace) -> int:
-    recommender = _load(arguments.model)
+    recommender = _load(arguments.model, verify=not arguments.no_verify)
     history = list(arguments.history)
     weights = recommender.explain(history, arguments.item, per_head=arguments.per_head)
     if arguments.png:
@@ -489,6 +492,10 @@ def _add_command(subcommands: Any, name: str, summary: str, example: str, handle
     )
     parser.add_argument("model", metavar="MODEL", help="Model folder (a finetune output_dir) or Hub repo id.")
     parser.add_argument("--json", action="store_true", help="Print machine-readable JSON instead of a table.")
+    parser.add_argument(
+        "--no-verify", action="store_true",
+        help="Skip the SHA-256 check of the folder's files against config.json (faster start of a large model).",
+    )
     parser.set_defaults(handler=handler)
     return parser
 

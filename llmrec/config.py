@@ -20,13 +20,11 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import ConfigError
+from .limits import MAX_NUM_CANDIDATES
 
 # Seeds go to random.seed, np.random.seed (which takes 0..2**32-1 only) and torch.manual_seed.
 MAX_SEED = 2**32 - 1
 # Upper bound of retrieval.num_candidates: FAISS and the head allocate batch x num_candidates arrays.
-# The same limit as MAX_NUM_CANDIDATES in llmrec/modeling/configuration_llmrec.py (kept here as a literal
-# until the two branches are merged; config.py must not import modeling).
-MAX_NUM_CANDIDATES = 10_000
 
 
 @dataclass

@@ -66,7 +66,7 @@ class Recommender:
     assignment, so it may run while other threads read; `add_items` and `save_pretrained` take one lock,
     so a save writes weights, config and catalogue of the same moment (an `add_items` waits for it).
 
-    `max_k` caps `k` (default `llmrec.serving.MAX_K`); a larger `k` raises `InvalidRequestError`.
+    `max_k` caps `k` (default `llmrec.limits.MAX_K`); a larger `k` raises `InvalidRequestError`.
     """
 
     def __init__(

@@ -15,11 +15,8 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidRequestError, UnknownItemError
+from .limits import MAX_K
 from .retrieval import CandidatePipeline
-
-# Default hard cap on `k`: answers longer than this are almost always a bug in the caller (k=10**7 used to
-# get the process OOM-killed), and a cap keeps one request's memory bounded. Per recommender: `max_k`.
-MAX_K = 10_000
 
 
 @dataclass(frozen=True)
@@ -72,7 +69,7 @@ def check_k(k: Any, max_k: int) -> int:
     if k > max_k:
         raise InvalidRequestError(
             f"k={k} is above this recommender's cap of {max_k} items per answer. Ask for fewer, or raise the cap "
-            "with Recommender(..., max_k=N) or `recommender.max_k = N` (the default is llmrec.serving.MAX_K)."
+            "with Recommender(..., max_k=N) or `recommender.max_k = N` (the default is llmrec.limits.MAX_K)."
         )
     return int(k)
 

@@ -339,3 +339,13 @@ def test_installed_console_script_prints_help():
     assert completed.returncode == 0, completed.stderr
     for command in ("recommend", "rerank", "evaluate", "index", "explain", "push"):
         assert command in completed.stdout
+
+
+def test_no_verify_skips_the_checksums_of_a_changed_file(capsys, model_copy, user_history):
+    results = model_copy / "eval_results.json"
+    edited = {**json.loads(results.read_text()), "note": "edited by hand"}  # still valid, but not what was saved
+    results.write_text(json.dumps(edited))
+    code, _, err = run_cli(capsys, "recommend", str(model_copy), "--history", *user_history, "-k", "3")
+    assert code == 2 and "eval_results.json" in err and "--no-verify" in err
+    code, out, _ = run_cli(capsys, "recommend", str(model_copy), "--history", *user_history, "-k", "3", "--no-verify", "--json")
+    assert code == 0 and len(json.loads(out)) == 3

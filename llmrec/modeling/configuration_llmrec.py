@@ -9,15 +9,12 @@ from typing import Any, Optional
 from transformers import PretrainedConfig
 
 from ..errors import ConfigError
+from ..limits import MAX_NUM_CANDIDATES
 from ..utils.integrity import CHECKSUMS_KEY
 
 # Bumped when the on-disk layout of a saved model changes incompatibly.
 MODEL_FORMAT_VERSION = 1
 ENCODER_WEIGHT_KINDS = ("full", "adapter")
-# The most candidates retrieval may hand to the reranker per user: the head scores a (users x candidates)
-# batch in one call, so memory grows linearly with it; 10,000 is 100x the default and far past where
-# reranking still changes the top of a list.
-MAX_NUM_CANDIDATES = 10_000
 
 _INTEGER_RANGES = {  # name: (smallest, largest or None)
     "num_items": (0, None), "hidden_size": (1, None), "max_history_length": (1, None), "user_num_layers": (0, None),

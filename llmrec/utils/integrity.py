@@ -16,7 +16,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
-from llmrec.errors import ModelFolderError
+from ..errors import ModelFolderError
+from .io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def record_checksums(
     else:  # a folder saved before checksums existed stays unverified rather than half-verified
         return {}
     config[CHECKSUMS_KEY] = checksums
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json_atomic(config_path, config)  # in place (an index rebuild) a crash must not truncate config.json
     return checksums
 
 
