@@ -120,7 +120,7 @@ def run_finetune(
     logger.info("Data: %d users, %d items, %d valid / %d test users.", len(split.user_ids), split.num_items, len(split.valid), len(split.test))
 
     stage_start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path, trust_remote_code=False)
     # The profile path is added after training (`enable_user_profiles`), so the stages and their checkpoints
     # are those of a model without it.
     model_settings = {name: value for name, value in dataclasses.asdict(config.model).items()

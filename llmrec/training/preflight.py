@@ -57,7 +57,7 @@ def check_output_dir_writable(output_dir: Path) -> None:
 
 def _encoder_config(encoder_path: str) -> PretrainedConfig:
     try:
-        return AutoConfig.from_pretrained(encoder_path)
+        return AutoConfig.from_pretrained(encoder_path, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise ConfigError(f"model.encoder {encoder_path!r} has no readable config.json ({error}).") from None
 
