@@ -48,20 +48,20 @@ def create_app(
     /admin/save default to (a path given as `model` is its own source); `loader` loads folders for reloads.
     `handle_sighup` reloads from `source` on SIGHUP (for `llmrec serve`; it needs the main thread's loop)."""
     settings = settings if settings is not None else ServeSettings.from_environment()
+    context = ServerContext(settings, loader, model if isinstance(model, (str, Path)) else source)
+    initial: Optional[Callable[[], Recommender]] = None
     if isinstance(model, (str, Path)):
-        source, initial = model, None
-    else:
+        initial = lambda: loader(model)  # noqa: E731
+    elif callable(model) and not isinstance(model, Recommender):
         initial = model
-    context = ServerContext(settings, loader, source)
-    if isinstance(initial, Recommender):
-        context.recommender = initial
+    else:  # a Recommender, or anything with its serving methods
+        context.recommender = model
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = None
-        if context.recommender is None:
-            load = initial if callable(initial) else (lambda: loader(source))
-            loading = asyncio.create_task(context.load_initial(load))
+        if initial is not None and context.recommender is None:
+            loading = asyncio.create_task(context.load_initial(initial))
         if handle_sighup:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload_on_signal(context)))
         try:
