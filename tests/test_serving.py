@@ -5,7 +5,7 @@ equal to unbatched ones, /metrics."""
 from __future__ import annotations
 
 import asyncio
-import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -127,7 +127,9 @@ def test_two_apps_keep_their_own_metrics(recommender):
 
 
 def test_items_are_added_by_text_and_saved(tmp_path, tiny_encoder_dir, model_folder):
-    with TestClient(create_app(build_recommender(tiny_encoder_dir), source=model_folder)) as client:
+    served = tmp_path / "served"
+    shutil.copytree(model_folder, served)
+    with TestClient(create_app(build_recommender(tiny_encoder_dir), source=served)) as client:
         response = client.post("/items", json={"items": [{"item_id": "new1", "text": "movie number 3 genre g1"}]})
         assert response.json() == {"num_items": 31, "added": 1}
         answer = client.post("/recommend", json={"history": HISTORY, "k": 1, "filter": ["new1", "i3"], "exclude": ["i3"]})
@@ -136,7 +138,12 @@ def test_items_are_added_by_text_and_saved(tmp_path, tiny_encoder_dir, model_fol
         assert repeated.status_code == 422 and "already in the catalogue" in repeated.json()["detail"]
         saved = client.post("/admin/save", json={"path": str(tmp_path / "saved")})
         assert saved.json() == {"path": str(tmp_path / "saved"), "num_items": 31}
-    assert "new1" in Recommender.from_pretrained(tmp_path / "saved").item_ids
+        assert client.post("/admin/save").json() == {"path": str(served), "num_items": 31}  # into the served folder
+    for folder in (tmp_path / "saved", served):
+        assert "new1" in Recommender.from_pretrained(folder).item_ids
+    with TestClient(create_app(build_recommender(tiny_encoder_dir))) as client:  # in memory: no folder of its own
+        response = client.post("/admin/save")
+        assert response.status_code == 422 and '"path"' in response.json()["detail"]
 
 
 # ----- bad requests: 4xx with llmrec's message, never a traceback ---------------------------------------------

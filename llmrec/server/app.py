@@ -63,7 +63,14 @@ def create_app(
         if initial is not None and context.recommender is None:
             loading = asyncio.create_task(context.load_initial(initial))
         if handle_sighup:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload_on_signal(context)))
+            reloads: set[asyncio.Task] = set()  # held, so a running reload is not garbage-collected
+
+            def reload_on_signal() -> None:
+                task = asyncio.ensure_future(_reload_on_signal(context))
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_on_signal)
         try:
             yield
         finally:

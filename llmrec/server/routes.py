@@ -145,9 +145,11 @@ async def reload(body: Optional[ReloadRequest] = None, context: ServerContext = 
 @router.post("/admin/save", response_model=ModelResponse, tags=["admin"])
 async def save(body: Optional[SaveRequest] = None, context: ServerContext = Depends(writer)) -> dict:
     """Persist the served model, items added over /items included, with `save_pretrained`."""
-    target = body.path if body is not None and body.path is not None else context.source
-    if target is None or (body is None or body.path is None) and not Path(target).is_dir():
-        raise InvalidRequestError(f"The served model has no local folder to save into ({target!r}); pass \"path\".")
+    target = body.path if body is not None and body.path is not None else None
+    if target is None:  # back into the served folder, when it is one (not a Hub id, not an in-memory model)
+        target = context.source
+        if target is None or not Path(target).is_dir():
+            raise InvalidRequestError(f"The served model has no local folder to save into ({target!r}); pass \"path\".")
     async with context.write_lock:
         recommender = context.current()
         await asyncio.to_thread(recommender.save_pretrained, target)
