@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -51,7 +52,7 @@ def create_app(
     context = ServerContext(settings, loader, model if isinstance(model, (str, Path)) else source)
     initial: Optional[Callable[[], Recommender]] = None
     if isinstance(model, (str, Path)):
-        initial = lambda: loader(model)  # noqa: E731
+        initial = functools.partial(loader, model)
     elif callable(model) and not isinstance(model, Recommender):
         initial = model
     else:  # a Recommender, or anything with its serving methods

@@ -59,8 +59,12 @@ def _options(body: Any, context: ServerContext) -> RecommendOptions:
         values = getattr(body, name)
         if values is not None:
             check_limit(len(values), limit, f"{name} list", "max_id_list_items")
-    as_tuple = lambda values: None if values is None else tuple(values)  # noqa: E731  hashable, for batching
-    return RecommendOptions(body.k, as_tuple(body.exclude), as_tuple(body.filter), body.exclude_history)
+    return RecommendOptions(body.k, _hashable(body.exclude), _hashable(body.filter), body.exclude_history)
+
+
+def _hashable(item_ids: Optional[list]) -> Optional[tuple]:
+    """Id lists as tuples, so requests with equal options fall into one micro-batch group."""
+    return None if item_ids is None else tuple(item_ids)
 
 
 def _check_text(text: Optional[str], what: str, context: ServerContext) -> None:
