@@ -365,3 +365,9 @@ def test_serve_command_refuses_a_missing_folder_before_listening(tmp_path, capsy
     assert "does not exist" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--workers", "2", "--port", "1"]) == 2  # checked before forking workers
     assert "missing config.json" in capsys.readouterr().err
+
+
+def test_serve_command_without_the_extra_names_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)  # as if `llmrec[serve]` were not installed
+    assert main(["serve", str(tmp_path)]) == 2
+    assert "pip install 'llmrec[serve]'" in capsys.readouterr().err

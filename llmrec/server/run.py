@@ -53,10 +53,13 @@ def add_serve_command(subcommands: Any) -> argparse.ArgumentParser:
 
 
 def command_serve(arguments: argparse.Namespace) -> int:
-    import uvicorn  # here, so `llmrec recommend` works without the serve extra
+    try:  # here, so the other commands work without the serve extra
+        import uvicorn
 
+        from .app import create_app
+    except ImportError as error:
+        raise ConfigError(f"`llmrec serve` needs the serve extra ({error}): pip install 'llmrec[serve]'.") from error
     from ..recommender import Recommender
-    from .app import create_app
 
     if arguments.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {arguments.workers}.")
