@@ -580,6 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached `hf auth login` token).")
     push.add_argument("--commit-message", default="Upload llmrec model", help="Message of the Hub commit.")
     push.add_argument("--dry-run", action="store_true", help="List the files that would be uploaded; upload nothing.")
+
+    from .server.run import add_serve_command  # FastAPI and uvicorn are imported only when `serve` runs
+
+    add_serve_command(subcommands)
     return parser
 
 
