@@ -62,10 +62,10 @@ def test_every_example_is_in_exactly_one_batch_per_epoch(lengths, batch_size, by
     assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
     assert len(sampler) == len(batches)
     if not by_positions:  # one loss term per example: batches of batch_size, as a plain DataLoader makes them
-        assert sorted(len(batch) for batch in batches)[:-1] == [batch_size] * (len(batches) - 1)
-    else:  # a batch holds at most batch_size examples' worth of positions on average, unless it is one example
+        assert sorted((len(batch) for batch in batches), reverse=True)[:-1] == [batch_size] * (len(batches) - 1)
+    else:  # a batch holds batch_size examples' worth of positions on average: it closes once it has them
         budget = batch_size * sum(lengths) / len(lengths)
-        assert all(len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= budget for batch in batches)
+        assert all(sum(lengths[i] for i in batch[:-1]) < budget for batch in batches)
 
 
 def test_order_depends_only_on_seed_and_epoch():

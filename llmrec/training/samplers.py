@@ -24,9 +24,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of similar-length examples in a new order every epoch that depends only on (seed, epoch).
 
     The examples are ordered as transformers' `LengthGroupedSampler` orders them (a seeded permutation,
-    sorted by length within mega-batches of 50 batches), then cut into batches that each hold at most
-    `batch_size` examples' worth of loss terms (`loss_terms`, one per example by default; counted as if
-    every example in the batch had as many as its most), and the batches are shuffled. Stage 1's loss is a mean over real positions, so its batches hold a fixed number of
+    sorted by length within mega-batches of 50 batches), each mega-batch is cut into batches that hold
+    `batch_size` examples' worth of loss terms (`loss_terms`, one per example by default), and the
+    batches are shuffled. Stage 1's loss is a mean over real positions, so its batches hold a fixed number of
     positions (many short windows or a few long ones): every position keeps the weight it had in a random
     batch of `batch_size` windows, and an epoch keeps its number of steps. Stage 2 has one loss term per
     example, so its batches hold exactly `batch_size` examples.
@@ -67,16 +67,40 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def _draw(self, generator: torch.Generator) -> list[list[int]]:
         if not self.lengths:
             return []
-        order = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)
-        batches, current, most_terms = [], [], 0
-        for index in order:
-            # The batch's padded loss terms: where a mega-batch's long examples meet its short ones, one
-            # long example must not take a batch's worth of short ones with it, all padded to its length.
-            most_terms = max(most_terms, self.loss_terms[index])
-            if current and (len(current) + 1) * most_terms > self.terms_per_batch:
-                batches.append(current)
-                current, most_terms = [], self.loss_terms[index]
-            current.append(index)
-        batches.append(current)
+        # 50 batches per mega-batch as in transformers, or 2 mega-batches in a small data set (transformers
+        # makes 4, which on MovieLens-100k leaves lengths too mixed within each to fill the batches).
+        mega_batch_size = self.batch_size * max(1, min(len(self.lengths) // (2 * self.batch_size), 50))
+        order = get_length_grouped_indices(self.lengths, self.batch_size, mega_batch_size // self.batch_size, generator)
+        batches = []
+        for start in range(0, len(order), mega_batch_size):
+            batches += self._cut(order[start : start + mega_batch_size])
         # Mega-batches are sorted longest first; shuffled, the steps do not sweep from long to short windows.
         return [batches[position] for position in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def _cut(self, mega_batch: list[int]) -> list[list[int]]:
+        """Consecutive runs of a length-sorted mega-batch, each closed once it holds `terms_per_batch` loss terms.
+
+        A batch is also closed before its padded loss terms (its most terms x its examples) would pass 1.25
+        times that share, which only happens where lengths change fast.
+        """
+        padded_limit = 1.25 * self.terms_per_batch
+        batches, current, terms, most = [], [], 0, 0
+        for index in mega_batch:
+            added = self.loss_terms[index]
+            if current and (len(current) + 1) * max(most, added) > padded_limit:
+                batches.append(current)
+                current, terms, most = [], 0, 0
+            current.append(index)
+            terms, most = terms + added, max(most, added)
+            if terms >= self.terms_per_batch:
+                batches.append(current)
+                current, terms, most = [], 0, 0
+        if not current:
+            return batches
+        previous = batches[-1] if batches else []
+        merged_most = max([most] + [self.loss_terms[index] for index in previous])
+        if previous and terms < self.terms_per_batch / 2 and (len(previous) + len(current)) * merged_most <= padded_limit:
+            previous += current  # the mega-batch's short tail joins the batch before it rather than being a step alone
+        else:
+            batches.append(current)
+        return batches
