@@ -26,18 +26,22 @@ from .errors import ConfigError
 class DataConfig:
     format: str = field(
         default="auto",
-        metadata={"help": "recbole | movielens | csv | tsv | jsonl | parquet | auto (guess from path)."},
+        metadata={"help": "recbole | movielens | csv | tsv | jsonl | parquet | sequences (one line per user: user id, "
+                  "then item ids oldest first, as SASRec/BERT4Rec publish) | auto (guess from path)."},
     )
     path: Optional[str] = field(
         default=None,
-        metadata={"help": "Data folder or file. None = MovieLens-100k shipped in the RecBole wheel."},
+        metadata={"help": "Data folder or file (relative paths resolve against the current directory). "
+                  "None = MovieLens-100k shipped in the RecBole wheel."},
     )
     dataset_name: str = field(default="ml-100k", metadata={"help": "RecBole atomic-file prefix."})
     interactions_file: Optional[str] = field(
-        default=None, metadata={"help": "Interactions file for csv/tsv/jsonl/parquet data."}
+        default=None, metadata={"help": "Interactions file for csv/tsv/jsonl/parquet data, or the sequence file "
+                                "(default sequences.txt in data.path)."}
     )
     items_file: Optional[str] = field(
-        default=None, metadata={"help": "Item metadata file for csv/tsv/jsonl/parquet data."}
+        default=None, metadata={"help": "Item metadata file (csv/tsv/jsonl/parquet). Sequence data: optional, default "
+                                "items.tsv/.csv/.jsonl/.parquet beside the sequence file; without one, texts are the ids."}
     )
     user_column: str = "user_id"
     item_column: str = "item_id"
@@ -46,6 +50,16 @@ class DataConfig:
     item_text_template: str = field(
         default="{movie_title} ({release_year}). Genres: {class}",
         metadata={"help": "Python format string over item-file columns that renders each item's text."},
+    )
+    unescape_html: bool = field(
+        default=True,
+        metadata={"help": "Turn HTML character references in item texts (&amp; &quot; &#9733;, as in scraped Amazon "
+                  "titles) into the characters they stand for; only complete references ending in ';' change."},
+    )
+    item_value_separator: Optional[str] = field(
+        default=None,
+        metadata={"help": "Separator inside multi-valued item fields, e.g. '|' in ML-1M's Action|Adventure, written "
+                  "as ', ' in item texts; None = values as they are."},
     )
     users_file: Optional[str] = field(
         default=None,
@@ -103,7 +117,8 @@ class DataConfig:
     )
 
     def validate(self) -> None:
-        _check_choice("data.format", self.format, ["auto", "recbole", "movielens", "csv", "tsv", "jsonl", "parquet"])
+        _check_choice("data.format", self.format,
+                      ["auto", "recbole", "movielens", "csv", "tsv", "jsonl", "parquet", "sequences"])
         _check_choice("data.split", self.split, ["leave_one_out", "temporal", "cold_items", "cold_users"])
         _check_choice("data.cold_item_selection", self.cold_item_selection, ["random", "newest"])
         for name in ("cold_item_fraction", "cold_user_fraction"):
@@ -125,6 +140,9 @@ class DataConfig:
         except LookupError:
             raise ConfigError(f"data.encoding {self.encoding!r} is not a known text encoding; "
                               "use e.g. utf-8, latin-1 or cp1252.") from None
+        if self.item_value_separator is not None and not self.item_value_separator.strip():
+            raise ConfigError(f"data.item_value_separator must be a visible separator such as '|', got "
+                              f"{self.item_value_separator!r}; set it to null to keep values as they are.")
         if self.max_item_text_chars <= 0:
             raise ConfigError(f"data.max_item_text_chars must be positive, got {self.max_item_text_chars}.")
         columns = {"user_column": self.user_column, "item_column": self.item_column,

@@ -7,8 +7,10 @@ render as "".
 
 from __future__ import annotations
 
+import html
 import logging
 import math
+import re
 import string
 from typing import Any, Optional
 
@@ -81,14 +83,19 @@ def format_rows(
     return texts
 
 
-def render_item_texts(items: pd.DataFrame, template: str, source: str, max_chars: Optional[int] = None) -> list[str]:
+def render_item_texts(items: pd.DataFrame, template: str, source: str, max_chars: Optional[int] = None, *,
+                      unescape_html: bool = True, value_separator: Optional[str] = None,
+                      empty_rows_are_errors: Optional[list[str]] = None) -> list[str]:
     """One text per item row; whitespace is collapsed so empty fields leave no double spaces.
 
     An item whose text renders empty gets its ``item_id`` as text (the encoder needs something to read,
-    and an empty input would embed every such item identically). Texts longer than ``max_chars``
-    characters are cut: the tokenizer keeps only the first ``model.max_text_length`` tokens anyway, and
-    a megabyte description per item would otherwise sit in memory and in the saved catalogue.
-    Both are logged as warnings with the number of items affected.
+    and an empty input would embed every such item identically), unless ``empty_rows_are_errors`` is
+    given: then it holds each row's place in the file ("line 3") and an empty text is a DataError.
+    Texts longer than ``max_chars`` characters are cut: the tokenizer keeps only the first
+    ``model.max_text_length`` tokens anyway, and a megabyte description per item would otherwise sit in
+    memory and in the saved catalogue. Both are logged as warnings with the number of items affected.
+    ``unescape_html`` turns HTML character references ("&amp;", "&#9733;") into characters, and
+    ``value_separator`` (e.g. "|" in "Action|Adventure") is written as ", " in the text.
     """
     fields = template_fields(template)
     missing = [name for name in fields if name not in items.columns]
@@ -97,11 +104,15 @@ def render_item_texts(items: pd.DataFrame, template: str, source: str, max_chars
             f"data.item_text_template refers to column(s) {missing} that {source} does not have; "
             f"available columns: {list(map(str, items.columns))}."
         )
-    columns = {name: items[name].tolist() for name in fields}
+    columns = {name: _field_values(items[name].tolist(), value_separator) for name in fields}
     texts = format_rows(template, columns, len(items), "item_text_template", source, "Item")
+    if unescape_html:
+        texts = [" ".join(unescape_character_references(text).split()) if "&" in text else text for text in texts]
     empty_rows = [row for row, text in enumerate(texts) if not text]
+    item_ids = items["item_id"].tolist() if "item_id" in items.columns else [str(row + 1) for row in range(len(items))]
+    if empty_rows_are_errors is not None:
+        _reject_items_without_text(columns, texts, item_ids, empty_rows_are_errors, source)
     if empty_rows:
-        item_ids = items["item_id"].tolist() if "item_id" in items.columns else [str(row + 1) for row in range(len(items))]
         for row in empty_rows:
             texts[row] = str(item_ids[row])
         logger.warning("%d item(s) in %s render to an empty text with template %r (e.g. item ids %s); their item id "
@@ -116,3 +127,30 @@ def render_item_texts(items: pd.DataFrame, template: str, source: str, max_chars
             logger.warning("%d item text(s) in %s are longer than data.max_item_text_chars=%d characters (longest: %d); "
                            "they are cut to that length.", len(long_rows), source, max_chars, longest)
     return texts
+
+
+def _reject_items_without_text(columns: dict[str, list[Any]], texts: list[str], item_ids: list[Any],
+                               rows_in_file: list[str], source: str) -> None:
+    """An item whose every template field is blank (a template's own words such as 'Genres:' do not count)."""
+    blank = [row for row, text in enumerate(texts)
+             if not text or (columns and all(not value_to_text(column[row]).strip() for column in columns.values()))]
+    if blank:
+        row = blank[0]
+        raise DataError(f"{source} {rows_in_file[row]}: item {item_ids[row]!r} has no text (its fields {list(columns)} "
+                        f"are empty or whitespace-only; {len(blank)} such item(s)). Fill in its metadata, remove the "
+                        "row, or change data.item_text_template.")
+
+
+def _field_values(values: list[Any], separator: Optional[str]) -> list[Any]:
+    if separator is None:
+        return values
+    return [value.replace(separator, ", ") if isinstance(value, str) else value for value in values]
+
+
+# Only complete references (with the ';'): html.unescape alone would also turn "&not" in "&notes" into "¬es".
+_CHARACTER_REFERENCE = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+
+
+def unescape_character_references(text: str) -> str:
+    """'Cats &amp; Dogs &#9733;' -> 'Cats & Dogs ★': scraped titles keep HTML escapes the encoder would read as words."""
+    return _CHARACTER_REFERENCE.sub(lambda match: html.unescape(match.group(0)), text)

@@ -51,6 +51,9 @@ class RawTables:
 
     `users_file` is the layout's own user-attributes file when the folder has one (RecBole
     `{dataset_name}.user`, MovieLens `u.user`); it is only located here and read by the loader.
+    Sequence files set `timestamps_are_positions` (each "timestamp" is a position within its user's
+    history, not a shared clock), `empty_item_text_is_error` (their items file exists only to give
+    text) and, without an items file, `item_text_from_ids`.
     """
 
     interactions: pd.DataFrame
@@ -59,6 +62,9 @@ class RawTables:
     interactions_source: str
     items_source: str
     users_file: Optional[Path] = None
+    timestamps_are_positions: bool = False
+    empty_item_text_is_error: bool = False
+    item_text_from_ids: bool = False
 
 
 _MOVIELENS_COLUMNS = ColumnNames()  # MovieLens readers already name their columns canonically

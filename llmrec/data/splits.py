@@ -85,6 +85,10 @@ def build_split(data: InteractionData, config: DataConfig) -> SequentialSplit:
     training. Users with fewer than 3 interactions (a single one included) keep them all for
     training and get no valid/test example; their number is logged.
 
+    Sequence files have no timestamps: positions within each user's history stand in, which orders
+    every user's items (all that ``leave_one_out``, ``cold_items`` and ``cold_users`` need), so
+    ``temporal`` is refused and ``cold_items`` with ``newest`` ranks items by their earliest position.
+
     ``temporal``: global time cut-offs put about ``temporal_test_fraction`` of the interactions
     (the newest) in a test window and ``temporal_valid_fraction`` before them in a valid window.
     Training is each user's interactions before the valid window. A user's valid example is their
@@ -110,9 +114,18 @@ def build_split(data: InteractionData, config: DataConfig) -> SequentialSplit:
     if config.split == "leave_one_out":
         train_sequences, valid, test = _leave_one_out(sequences)
     elif config.split == "temporal":
+        if data.timestamps_are_positions:
+            raise DataError("data.split temporal needs a clock shared by all users, but this data (a sequence file) "
+                            "has only each user's order: its timestamps are positions in each user's history. Use "
+                            "data.split: leave_one_out (the protocol sequence-file benchmarks publish), cold_items "
+                            "or cold_users.")
         train_sequences, valid, test = _temporal(sequences, sequence_times, config.temporal_valid_fraction,
                                                  config.temporal_test_fraction)
     elif config.split == "cold_items":
+        if data.timestamps_are_positions and config.cold_item_selection == "newest":
+            logger.warning("cold_items with selection newest on a sequence file: without timestamps, 'newest' means "
+                           "the items whose earliest position in any user's history is latest (a proxy for new items; "
+                           "data.cold_item_selection: random does not depend on it).")
         cold_items = _choose_cold_items(sequences, sequence_times, config)
         train_sequences, valid, test, cold_test = _cold_items(sequences, set(cold_items))
     elif config.split == "cold_users":
