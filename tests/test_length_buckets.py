@@ -116,7 +116,6 @@ def test_stage2_batch_pads_to_its_longest_history():
 def test_user_embeddings_and_losses_do_not_depend_on_padding_width(model):
     histories = [history for history in _histories(16, seed=5) if len(history) >= 2][:8]
     windows = [history[-(WINDOW + 1):] for history in histories]
-    batch = collate_next_item(windows, WINDOW)
     short = [window[:2] for window in windows]  # a batch of short windows: pads to 1 slot, not WINDOW
     for chosen in (windows, short):
         collated = collate_next_item(chosen, WINDOW)
