@@ -252,8 +252,8 @@ def render(results: dict[str, Any]) -> str:
         "compared per training interaction.",
         *([results["note"]] if results.get("note") else []),
         table, "\n".join(targets), "Training data (leave-one-out training sequences):",
-        markdown_table(["data set", "users timed", "items", "training interactions timed", "median history", "max history",
-                        "users timed", "whole epoch, after, window 200 (s, extrapolated)"], data_rows),
+        markdown_table(["data set", "users", "items", "training interactions timed", "median history", "max history",
+                        "users timed", "whole epoch, after, window 200 (wall s at this run's load, extrapolated)"], data_rows),
         "",
     ])
 
