@@ -185,6 +185,7 @@ def _replaying_score_fn(user_scores):
         next_row[0] += len(batch_histories)
         return user_scores[start : next_row[0]]
 
+    score_fn.scores_in_input_order = True  # rows are paired with users by call order
     return score_fn
 
 

@@ -10,11 +10,16 @@ import torch
 from tqdm.auto import tqdm
 
 from llmrec.evaluation.metrics import ranking_metrics, target_ranks
+from llmrec.utils.length_order import length_sorted_batches
 
 logger = logging.getLogger(__name__)
 
 ScoreFunction = Callable[[list[list[int]]], torch.Tensor]
-"""Histories batch (1-based item indices) -> (B, num_items + 1) scores; column 0 is padding and ignored."""
+"""Histories batch (1-based item indices) -> (B, num_items + 1) scores; column 0 is padding and ignored.
+
+`evaluate_ranking` hands a score function its histories in batches of similar length, not in their given
+order; one that pairs rows with per-user data by call order sets `scores_in_input_order = True` on itself.
+"""
 
 
 def history_exclude_mask(histories: Sequence[Sequence[int]], num_items: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -49,21 +54,23 @@ def evaluate_ranking(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive; got {batch_size}.")
 
-    all_ranks: list[torch.Tensor] = []
-    starts = range(0, len(histories), batch_size)
+    ranks = torch.empty(len(histories), dtype=torch.long)
+    if getattr(score_fn, "scores_in_input_order", False):
+        batches = [np.arange(start, min(start + batch_size, len(histories))) for start in range(0, len(histories), batch_size)]
+    else:  # batched by history length: a batch pads only to its own longest history, not to the window
+        batches = length_sorted_batches([len(history) for history in histories], batch_size)
     with torch.no_grad():
-        for start in tqdm(starts, desc=desc, disable=None, unit="batch"):
-            batch_histories = [list(history) for history in histories[start : start + batch_size]]
-            batch_targets = torch.as_tensor(list(targets[start : start + batch_size]), dtype=torch.long)
+        for positions in tqdm(batches, desc=desc, disable=None, unit="batch"):
+            batch_histories = [list(histories[position]) for position in positions]
+            batch_targets = torch.as_tensor([targets[position] for position in positions], dtype=torch.long)
             scores = score_fn(batch_histories)
             expected_shape = (len(batch_histories), num_items + 1)
             if tuple(scores.shape) != expected_shape:
                 raise ValueError(f"score_fn returned shape {tuple(scores.shape)}; expected {expected_shape} (column 0 = padding).")
             scores = scores.detach()
             exclude_mask = history_exclude_mask(batch_histories, num_items, scores.device) if exclude_history else None
-            all_ranks.append(target_ranks(scores, batch_targets.to(scores.device), exclude_mask).cpu())
+            ranks[torch.as_tensor(positions)] = target_ranks(scores, batch_targets.to(scores.device), exclude_mask).cpu()
 
-    ranks = torch.cat(all_ranks)
     # target_ranks marks a non-finite target with rank num_items; real ranks are at most num_items - 1.
     # Push that sentinel past every K so it stays a miss even when K exceeds a tiny catalogue.
     miss_rank = max([num_items, *(int(k) for k in ks)])

@@ -101,8 +101,9 @@ def profile_score_functions(
     """Retrieval and rerank score functions, as `retrieval_score_function` / `rerank_score_function`, for users
     who also have a profile: row i of `profile_embeddings` belongs to the i-th history scored.
 
-    `evaluate_ranking` scores its histories in order, batch by batch, so each function follows that order
-    with a cursor; it serves one evaluation pass (a second one fails instead of pairing the wrong profiles).
+    Each function follows the histories' order with a cursor, and says so (`scores_in_input_order`), so
+    `evaluate_ranking` scores them in order rather than by length; it serves one evaluation pass (a second
+    one fails instead of pairing the wrong profiles).
     """
     if len(profile_embeddings) != len(has_profile):
         raise ValueError(f"{len(profile_embeddings)} profile embeddings but {len(has_profile)} has_profile flags.")
@@ -128,6 +129,7 @@ def profile_score_functions(
                 candidate_scores = candidate_scores.float().cpu()
             return scores_from_candidates(torch.as_tensor(candidates), torch.as_tensor(candidate_scores), num_items)
 
+        score.scores_in_input_order = True
         return score
 
     return {"retrieval": make("retrieval"), "rerank": make("rerank")}

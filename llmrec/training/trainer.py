@@ -23,7 +23,7 @@ import shutil
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from accelerate.utils import load as load_torch_file
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig
@@ -44,7 +44,9 @@ from ..modeling import LlmRecModel, split_histories
 from ..modeling.text_encoding import encode_catalogue
 from ..retrieval import CandidatePipeline, build_item_index
 from ..utils.io import atomic_write, write_json_atomic
+from ..utils.length_order import length_sorted_batches
 from .examples import RerankExample, collate_next_item, collate_rerank, next_item_windows, rerank_prefixes
+from .samplers import LengthGroupedBatchSampler, derived_seed
 
 logger = logging.getLogger(__name__)
 
@@ -83,32 +85,6 @@ def choose_retrieval_loss(config: ExperimentConfig, num_items: int) -> str:
     if config.lora is not None or logits_per_batch > FULL_SOFTMAX_MAX_LOGITS:
         return "sampled_softmax"
     return "full_softmax"
-
-
-def derived_seed(*keys: int) -> int:
-    """A seed for one purpose (stage, epoch, batch, ...) of a run, independent of every other draw."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A new permutation every epoch that depends only on (seed, epoch), never on the global RNG.
-
-    A resumed run therefore replays the interrupted epoch's order, and every process draws the same
-    permutation for Accelerate to shard. The loop sets `epoch`; there is deliberately no `set_epoch`,
-    which Accelerate would call with its own per-loader count (it restarts at 0 for a skipping loader).
-    """
-
-    def __init__(self, num_examples: int, seed: int) -> None:
-        self.num_examples = num_examples
-        self.seed = seed
-        self.epoch = 1
-
-    def __len__(self) -> int:
-        return self.num_examples
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.num_examples, generator=generator).tolist())
 
 
 @dataclasses.dataclass
@@ -385,9 +361,11 @@ class LlmRecTrainer:
         self._set_trainable(lambda name: not name.startswith("reranker."))
         max_length = self.model.config.max_history_length
         windows = next_item_windows(self.split.train_sequences, max_length, keep_older=self.model.config.history_summary)
+        # A window's padded width and its number of targets (the loss terms) are both its inputs in the window.
+        positions = [min(len(window) - 1, max_length) for window in windows]
         loader = self._shuffled_loader(
             "retrieval", windows, settings.retrieval_batch_size,
-            lambda batch: self._with_item_inputs(collate_next_item(batch, max_length)),
+            lambda batch: self._with_item_inputs(collate_next_item(batch, max_length)), positions, loss_terms=positions,
         )
         logger.info("Stage 1: %d training windows, loss %s.", len(windows), self.loss_type)
         return self._fit(
@@ -457,29 +435,43 @@ class LlmRecTrainer:
         allowed = None
         if model.config.exclude_unseen_items_from_loss and model.warm_items.any():
             allowed = torch.nonzero(model.warm_items).flatten().cpu().numpy()
-        examples = []
-        for start in range(0, len(histories), self.config.evaluation.batch_size):
-            batch_histories = histories[start : start + self.config.evaluation.batch_size]
-            _, candidates = pipeline.retrieve(batch_histories, allowed=allowed)
-            for history, target, row in zip(batch_histories, targets[start:], candidates):
-                hit = np.flatnonzero(row == target)
-                # A target the retriever missed teaches the head nothing it can use at serving time.
-                if hit.size:
-                    examples.append(RerankExample(history, row, int(hit[0])))
-        logger.info("Stage 2: %d of %d positions have their next item among the candidates.", len(examples), len(histories))
         max_length = self.model.config.max_history_length
+        candidates = self._stage2_candidates(pipeline, histories, allowed)
+        examples = []
+        for history, target, row in zip(histories, targets, candidates):
+            hit = np.flatnonzero(row == target)
+            # A target the retriever missed teaches the head nothing it can use at serving time.
+            if hit.size:
+                examples.append(RerankExample(history, row, int(hit[0])))
+        logger.info("Stage 2: %d of %d positions have their next item among the candidates.", len(examples), len(histories))
         loader = self._shuffled_loader(
-            "rerank", examples, settings.rerank_batch_size, lambda batch: collate_rerank(batch, max_length)
+            "rerank", examples, settings.rerank_batch_size, lambda batch: collate_rerank(batch, max_length),
+            [min(len(example.history), max_length) for example in examples],
         )
         return self._fit("rerank", loader, settings.rerank_epochs, settings.rerank_learning_rate, self.evaluate_rerank_valid)
 
     # ----- shared loop -------------------------------------------------------------------------------
 
-    def _shuffled_loader(self, stage: str, examples: list, batch_size: int, collate: Callable) -> DataLoader:
+    def _stage2_candidates(
+        self, pipeline: CandidatePipeline, histories: list[list[int]], allowed: Optional[np.ndarray]
+    ) -> list[np.ndarray]:
+        """FAISS candidates of every history, in their order; batched by length so each batch pads only to its longest."""
+        candidates: list[Optional[np.ndarray]] = [None] * len(histories)
+        for positions in length_sorted_batches([len(history) for history in histories], self.config.evaluation.batch_size):
+            _, rows = pipeline.retrieve([histories[position] for position in positions], allowed=allowed)
+            for position, row in zip(positions, rows):
+                candidates[position] = row
+        return candidates
+
+    def _shuffled_loader(
+        self, stage: str, examples: list, batch_size: int, collate: Callable, lengths: Sequence[int],
+        loss_terms: Optional[Sequence[int]] = None,
+    ) -> DataLoader:
+        """Batches of similar-length examples (`LengthGroupedBatchSampler`), each padded to its own longest."""
         seed = derived_seed(self.config.training.seed, STAGES.index(stage))
         # Its own generator, so that starting an epoch (the loader draws a worker base seed) leaves the global RNG alone.
         return DataLoader(
-            examples, batch_size=batch_size, sampler=EpochShuffleSampler(len(examples), seed), collate_fn=collate,
+            examples, batch_sampler=LengthGroupedBatchSampler(lengths, batch_size, seed, loss_terms), collate_fn=collate,
             generator=torch.Generator().manual_seed(seed),
         )
 
@@ -501,7 +493,7 @@ class LlmRecTrainer:
             logger.info("%s: nothing to train; valid %s", stage, _format(metrics))
             self._record_stage(stage, metrics, time.perf_counter() - started)
             return metrics
-        sampler = loader.sampler
+        sampler = loader.batch_sampler
         optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=settings.weight_decay)
         model, optimizer, loader = accelerator.prepare(self.model, optimizer, loader)
         progress, best_state = self._start_stage(stage, unwrapped, evaluate)

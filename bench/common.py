@@ -1,0 +1,71 @@
+"""Helpers the benchmark scripts share: where a figure was measured, and how a table is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15-minute load averages from /proc/loadavg (the machine may be shared)."""
+    try:
+        return [float(value) for value in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return [round(value, 2) for value in os.getloadavg()]
+
+
+def git_commit(checkout: Path = ROOT) -> str:
+    """The commit a checkout is at, with '+changes' when its tracked files differ from it."""
+    try:
+        commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}+changes" if dirty else commit
+
+
+def machine() -> dict[str, Any]:
+    """CPU, core count, library versions and the load when a run started."""
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_average_at_start": load_average(),
+    }
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, results: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """bench/results/<name>.json and .md, each written whole (a temporary file renamed over the old one)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, text in ((RESULTS / f"{name}.json", json.dumps(results, indent=2) + "\n"), (RESULTS / f"{name}.md", markdown)):
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+        written.append(path)
+    return written[0], written[1]
