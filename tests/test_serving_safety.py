@@ -403,6 +403,18 @@ def test_stale_temporaries_are_removed_and_live_ones_kept(recommender, tmp_path)
     assert not legacy_old.exists() and live.exists()
 
 
+def test_loading_a_folder_removes_what_a_killed_save_left_beside_it(recommender, tmp_path):
+    target = tmp_path / "model"
+    recommender.save_pretrained(target)
+    dead = tmp_path / temporary_name(target).replace(f"-{os.getpid()}-", f"-{_dead_pid()}-")
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"x" * 100)
+    minutes_ago = time.time() - 120
+    os.utime(dead, (minutes_ago, minutes_ago))
+    Recommender.from_pretrained(target)
+    assert not dead.exists()
+
+
 # ----- weak API inputs ---------------------------------------------------------------------------------
 
 
