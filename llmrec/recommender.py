@@ -575,7 +575,7 @@ class Recommender:
         profile_embeddings = embed_item_texts(self.model, self.tokenizer, texts)
         has_profile = torch.tensor([profile is not None for profile in profiles], device=profile_embeddings.device)
         window, older = split_histories(histories, self.model.config.max_history_length, pipeline.device)
-        return self.model.encode_users(window, pipeline.item_embeddings, profile_embeddings, has_profile, older)[:, -1]
+        return self.model.encode_users(window, pipeline.item_embeddings, profile_embeddings, has_profile, older, last_only=True)[:, -1]
 
     def rerank(self, history: Sequence[str], candidates: Sequence[str]) -> RankedItems:
         """Score the given candidates for one history with the cross-attention head, best first."""

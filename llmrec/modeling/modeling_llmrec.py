@@ -238,6 +238,15 @@ class TransformerBlock(nn.Module):
         states = states + self.dropout(attended)
         return states + self.dropout(self.feed_forward(self.feed_forward_norm(states)))
 
+    def forward_at(self, states: torch.Tensor, read: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+        """The block's output (B, 1, hidden) at slot `read` (B,) of each row only: queries from that slot,
+        keys and values from all slots; `allowed` (B, 1, 1, L) is that slot's row of the mask (or None)."""
+        rows = torch.arange(len(states), device=states.device)
+        normed = self.attention_norm(states)
+        attended, _ = self.attention(normed[rows, read].unsqueeze(1), normed, allowed)
+        states = states[rows, read].unsqueeze(1) + self.dropout(attended)
+        return states + self.dropout(self.feed_forward(self.feed_forward_norm(states)))
+
 
 class UserEncoder(nn.Module):
     """Causal self-attention over the history: the state at slot t is the user after t items.
@@ -274,8 +283,15 @@ class UserEncoder(nn.Module):
         history_mask: torch.Tensor,
         leading_embeddings: Optional[torch.Tensor] = None,
         leading_mask: Optional[torch.Tensor] = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """(B, L, hidden) states; `leading_embeddings` (B, P, hidden) with `leading_mask` (B, P) are leading tokens."""
+        """(B, L, hidden) states; `leading_embeddings` (B, P, hidden) with `leading_mask` (B, P) are leading tokens.
+
+        `last_only=True` returns just the user now (B, 1, hidden), for serving: the last block then
+        computes that one slot (its keys and values still cover every slot), not all L.
+        """
+        if last_only and len(self.blocks) == 0:  # no block to narrow: read the last slot of the full pass
+            return self.forward(history_embeddings, history_mask, leading_embeddings, leading_mask)[:, -1:]
         length = history_embeddings.shape[1]
         # Positions count from the end of a full window, as if every history were padded to max length,
         # so the most recent item has the same position in training and serving.
@@ -293,21 +309,36 @@ class UserEncoder(nn.Module):
             total = states.shape[1]
             causal = torch.ones(total, total, dtype=torch.bool, device=states.device).tril()
             allowed, is_causal = (causal & history_mask[:, None, :])[:, None], False  # (B, 1, L, L)
-        for block in self.blocks:
+        blocks = list(self.blocks)[:-1] if last_only else self.blocks
+        for block in blocks:
             if self.gradient_checkpointing and self.training:
                 states = self._gradient_checkpointing_func(block.__call__, states, allowed, is_causal)
             else:
                 states = block(states, allowed, is_causal)
+        # With no history, the last leading token is the user's last real token: read the user there, not
+        # at a padding slot whose own (untrained) residual stream would swamp it.
+        last_leading = None if leading_only is None else leading_mask.shape[1] - 1 - leading_mask.flip(1).int().argmax(dim=1)
+        if last_only:
+            return self.output_norm(self._last_block_at_read_slot(states, history_mask, leading_only, last_leading))
         states = self.output_norm(states)
         if leading_only is None:
             return states
         history_states = states[:, states.shape[1] - length :]
-        # With no history, the last leading token is the user's last real token: read the user there, not
-        # at a padding slot whose own (untrained) residual stream would swamp it.
-        last_leading = leading_mask.shape[1] - 1 - leading_mask.flip(1).int().argmax(dim=1)
         leading_state = states[torch.arange(len(states), device=states.device), last_leading]
         last = torch.where(leading_only.unsqueeze(-1), leading_state, history_states[:, -1])
         return torch.cat([history_states[:, :-1], last.unsqueeze(1)], dim=1)
+
+    def _last_block_at_read_slot(
+        self, states: torch.Tensor, mask: torch.Tensor, leading_only: Optional[torch.Tensor], last_leading: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """The last block at the slot the user is read from: the last slot, or the last leading token for a
+        row with leading tokens but no history. That slot's causal row is every slot up to it, less padding."""
+        total = states.shape[1]
+        read = torch.full((len(states),), total - 1, dtype=torch.long, device=states.device)
+        if leading_only is not None:
+            read = torch.where(leading_only, last_leading, read)
+        allowed = (torch.arange(total, device=states.device) <= read[:, None]) & mask
+        return self.blocks[-1].forward_at(states, read, None if bool(allowed.all()) else allowed[:, None, None, :])
 
 
 @dataclass
@@ -708,8 +739,9 @@ class LlmRecModel(LlmRecPreTrainedModel):
         profile_text_embeddings: Optional[torch.Tensor] = None,
         has_profile: Optional[torch.Tensor] = None,
         older_item_indices: Optional[torch.Tensor] = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Per-slot user states (B, L, hidden); the last slot is the user now.
+        """Per-slot user states (B, L, hidden); the last slot is the user now (`last_only`: only that slot, (B, 1, hidden)).
 
         `profile_text_embeddings` (B, encoder hidden) are pooled BERT embeddings of user profiles (see
         `text_encoding.embed_item_texts`); `has_profile` (B,) marks the rows that have one (default: all).
@@ -732,9 +764,10 @@ class LlmRecModel(LlmRecPreTrainedModel):
             leading.append(summary_projection(older_mean))
             leading_masks.append((older_item_indices > 0).any(dim=1))
         if not leading:
-            return self.user_encoder(item_embeddings[history_item_indices], history_mask)
+            return self.user_encoder(item_embeddings[history_item_indices], history_mask, last_only=last_only)
         return self.user_encoder(
-            item_embeddings[history_item_indices], history_mask, torch.stack(leading, dim=1), torch.stack(leading_masks, dim=1)
+            item_embeddings[history_item_indices], history_mask, torch.stack(leading, dim=1), torch.stack(leading_masks, dim=1),
+            last_only=last_only,
         )
 
     def similarity(self, user_embeddings: torch.Tensor, item_embeddings: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,11 @@ import numpy as np
 import torch
 
 from ..modeling import LlmRecModel, split_histories
+from ..utils.length_order import length_sorted_batches
 from .index import ItemIndex
+
+# Histories per user-tower call when serving many: each chunk of similar lengths pads to its own longest.
+USER_CHUNK_SIZE = 64
 
 
 def build_item_index(model: LlmRecModel, index_type: str = "flat", **params: Any) -> ItemIndex:
@@ -74,9 +78,24 @@ class CandidatePipeline:
         return split_histories(histories, self.model.config.max_history_length, self.device)
 
     @torch.inference_mode()
-    def user_embeddings(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+    def user_embeddings(self, histories: Sequence[Sequence[int]], chunk_size: int = USER_CHUNK_SIZE) -> torch.Tensor:
+        """The user now (B, hidden) per history, in length-sorted chunks so short histories skip long ones' padding.
+
+        Positions count from the most recent item, so narrower padding gives the same vectors.
+        """
+        if len(histories) <= chunk_size:
+            return self._last_states(histories)
+        embeddings = None
+        for positions in length_sorted_batches([len(history) for history in histories], chunk_size):
+            chunk = self._last_states([histories[position] for position in positions])
+            if embeddings is None:
+                embeddings = chunk.new_empty(len(histories), chunk.shape[-1])
+            embeddings[torch.as_tensor(positions, device=chunk.device)] = chunk
+        return embeddings
+
+    def _last_states(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         window, older = self._padded(histories)
-        return self.model.encode_users(window, self.item_embeddings, older_item_indices=older)[:, -1]
+        return self.model.encode_users(window, self.item_embeddings, older_item_indices=older, last_only=True)[:, -1]
 
     def retrieve(
         self,
