@@ -443,8 +443,8 @@ class Recommender:
     @staticmethod
     def _ranked(state: ServingState, indices: np.ndarray, scores: np.ndarray, k: int) -> RankedItems:
         ids = state.item_ids
-        ranked = [(ids[index - 1], float(score)) for index, score in zip(indices, scores) if index > 0 and np.isfinite(score)]
-        return ranked[:k]
+        kept = np.flatnonzero((indices > 0) & np.isfinite(scores))[:k]  # build only the k answers, not every candidate's
+        return [(ids[index - 1], float(score)) for index, score in zip(indices[kept].tolist(), scores[kept].tolist())]
 
     @staticmethod
     def _popular(state: ServingState, exclude: set[int], allowed: Optional[np.ndarray], k: int) -> RankedItems:
@@ -541,10 +541,12 @@ class Recommender:
         if head_width:
             head_scores, _ = pipeline.rerank(histories, candidates[:, :head_width], user_embeddings=user_embeddings)
             scores = head_scores.float().cpu().numpy()
+        order = np.argsort(-scores, axis=1, kind="stable")  # one call for the batch, not one per user
+        head_candidates = np.take_along_axis(candidates[:, :head_width], order, axis=1)
+        head_scores = np.take_along_axis(scores, order, axis=1)
         ranked = []
         for position in range(len(histories)):
-            order = np.argsort(-scores[position], kind="stable")
-            answer = self._ranked(state, candidates[position, :head_width][order], scores[position][order], k)
+            answer = self._ranked(state, head_candidates[position], head_scores[position], k)
             if len(answer) < k and candidates.shape[1] > head_width:
                 answer += self._ranked(state, candidates[position, head_width:], retrieval_scores[position, head_width:], k - len(answer))
             ranked.append(answer)

@@ -87,3 +87,20 @@ def test_chunked_serving_embeddings_equal_one_padded_batch(flags):
     assert window.shape[1] == WINDOW and pad_histories(histories[:1], WINDOW).shape[1] <= WINDOW
     assert torch.allclose(reference, chunked, atol=TOLERANCE)
     assert torch.allclose(pipeline.user_embeddings(histories), chunked, atol=TOLERANCE)
+
+
+def test_chunked_head_scores_equal_one_padded_batch():
+    model = _model(2)
+    pipeline = CandidatePipeline(model, build_item_index(model), num_candidates=10)
+    rng = np.random.default_rng(2)
+    histories = _histories(rng.choice([1, 2, 5, 9, WINDOW, 2 * WINDOW], size=150).tolist())
+    candidates = torch.as_tensor(rng.integers(0, NUM_ITEMS + 1, size=(len(histories), 6)))
+    window, older = split_histories(histories, WINDOW, None)
+    with torch.inference_mode():
+        reference, _ = model.score_candidates(window, candidates, pipeline.item_embeddings, rerank_cache=pipeline.rerank_cache,
+                                              older_item_indices=older)
+    chunked, attentions = pipeline.rerank(histories, candidates)
+    assert attentions is None and chunked.shape == reference.shape
+    assert torch.equal(torch.isinf(reference), torch.isinf(chunked))
+    finite = torch.isfinite(reference)
+    assert torch.allclose(reference[finite], chunked[finite], atol=TOLERANCE)

@@ -133,6 +133,8 @@ class CandidatePipeline:
         `use_cache=False` recomputes the head's projections per call (the reference the benchmarks time).
         """
         candidates = torch.as_tensor(candidate_indices, dtype=torch.long, device=self.device)
+        if len(histories) > USER_CHUNK_SIZE and not output_attentions:
+            return self._rerank_by_length(histories, candidates, user_embeddings, use_cache), None
         window, older = self._padded(histories)
         return self.model.score_candidates(
             window,
@@ -143,6 +145,24 @@ class CandidatePipeline:
             rerank_cache=self.rerank_cache if use_cache else None,
             older_item_indices=older,
         )
+
+    def _rerank_by_length(
+        self, histories: Sequence[Sequence[int]], candidates: torch.Tensor, user_embeddings: torch.Tensor | None, use_cache: bool
+    ) -> torch.Tensor:
+        """`rerank`'s scores in length-sorted chunks: the head attends over each chunk's own longest history only.
+
+        Recency counts from the most recent item, so narrower padding gives the same scores.
+        """
+        scores = torch.empty(candidates.shape, dtype=torch.float32, device=self.device)
+        for positions in length_sorted_batches([len(history) for history in histories], USER_CHUNK_SIZE):
+            rows = torch.as_tensor(positions, device=self.device)
+            chunk_scores, _ = self.rerank(
+                [histories[position] for position in positions], candidates[rows],
+                user_embeddings=None if user_embeddings is None else user_embeddings[rows], use_cache=use_cache,
+            )
+            scores = scores.to(chunk_scores.dtype)
+            scores[rows] = chunk_scores
+        return scores
 
     @torch.inference_mode()
     def retrieve_and_rerank(
