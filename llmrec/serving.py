@@ -123,6 +123,10 @@ def check_item_ids(item_ids: list, what: str) -> list[str]:
 
 def item_indices(state: ServingState, item_ids: list, what: str) -> list[int]:
     """1-based item indices of known ids; unknown ones raise UnknownItemError naming them."""
+    try:  # the common case, known string ids, in one pass; anything else takes the checked path below
+        return list(map(state.item_index.__getitem__, item_ids))
+    except (KeyError, TypeError):
+        pass
     as_text = [str(item_id) for item_id in item_ids] if all(_is_item_id(i) for i in item_ids) else None
     if as_text is None or any(item_id not in state.item_index for item_id in as_text):
         as_text = check_item_ids(item_ids, what)

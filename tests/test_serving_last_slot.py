@@ -104,3 +104,19 @@ def test_chunked_head_scores_equal_one_padded_batch():
     assert torch.equal(torch.isinf(reference), torch.isinf(chunked))
     finite = torch.isfinite(reference)
     assert torch.allclose(reference[finite], chunked[finite], atol=TOLERANCE)
+
+
+def test_id_mapping_fast_path_keeps_the_checks():
+    from types import SimpleNamespace
+
+    from llmrec.errors import InvalidRequestError, UnknownItemError
+    from llmrec.serving import item_indices
+
+    state = SimpleNamespace(item_index={"1": 1, "2": 2, "True": 3})
+    assert item_indices(state, ["2", "1", "2"], "history") == [2, 1, 2]
+    assert item_indices(state, [np.str_("2"), 1, np.int64(2)], "history") == [2, 1, 2]
+    with pytest.raises(UnknownItemError, match="'9'"):
+        item_indices(state, ["1", "9"], "history")
+    for bad in ([True], [None], [1.0], [["1"]]):
+        with pytest.raises(InvalidRequestError):
+            item_indices(state, bad, "history")
