@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="The reference checkout (e.g. a git worktree of main).")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--singles", type=int, default=300, help="Timed one-user calls per checkout per round.")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in each worker.")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (2 on a loaded 2-core machine spins in OpenMP).")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench-batch-speed"))
     args = parser.parse_args()
     workdir = Path(args.workdir)
