@@ -13,7 +13,7 @@ from transformers import BertConfig
 from llmrec.evaluation import evaluate_ranking
 from llmrec.modeling import LlmRecConfig, LlmRecModel, split_histories
 from llmrec.training.examples import collate_next_item, collate_rerank, next_item_windows, RerankExample
-from llmrec.training.samplers import LengthGroupedBatchSampler
+from llmrec.training.samplers import LengthGroupedBatchSampler, derived_seed
 from llmrec.utils.length_order import length_sorted_batches
 
 NUM_ITEMS = 40
@@ -173,3 +173,32 @@ def test_evaluation_metrics_identical_with_and_without_bucketing(model):
     in_order = evaluate_ranking(score_in_order, histories, targets, NUM_ITEMS, ks=(1, 5, 10), batch_size=16)
     assert bucketed == in_order
     assert sum(bucketed_widths) < sum(widths)  # and bucketing is what made the batches narrower
+
+
+def test_without_grouping_batches_are_the_seeded_permutation_cut_in_order():
+    """group_by_length off (the default) draws the order earlier llmrec versions drew: one permutation per epoch."""
+    sampler = LengthGroupedBatchSampler([5, 1, 9, 2, 7, 3, 8], batch_size=3, seed=11, group_by_length=False)
+    sampler.epoch = 2
+    permutation = torch.randperm(7, generator=torch.Generator().manual_seed(derived_seed(11, 2))).tolist()
+    assert sampler.batches() == [permutation[0:3], permutation[3:6], permutation[6:7]]
+    sampler.epoch = 3
+    assert sampler.batches() != [permutation[0:3], permutation[3:6], permutation[6:7]]
+
+
+def test_training_group_by_length_reaches_both_stages_samplers(monkeypatch, planted_data_dir, tiny_encoder_dir, tmp_path):
+    from llmrec.config import load_config
+    from llmrec.training import run_finetune, trainer
+    from tests.conftest import tiny_overrides
+
+    made = []
+
+    class Recording(LengthGroupedBatchSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(trainer, "LengthGroupedBatchSampler", Recording)
+    overrides = tiny_overrides(planted_data_dir, tiny_encoder_dir, tmp_path / "run")
+    overrides["training"].update(retrieval_epochs=1, rerank_epochs=1, group_by_length=True)
+    run_finetune(load_config(overrides=overrides))
+    assert len(made) == 2 and all(sampler.group_by_length for sampler in made)

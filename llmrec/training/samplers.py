@@ -23,6 +23,9 @@ def derived_seed(*keys: int) -> int:
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of similar-length examples in a new order every epoch that depends only on (seed, epoch).
 
+    With `group_by_length=False` the batches are a random permutation cut into `batch_size` examples (the
+    collate still pads each only to its longest).
+
     The examples are ordered as transformers' `LengthGroupedSampler` orders them (a seeded permutation,
     sorted by length within mega-batches of 50 batches), each mega-batch is cut into batches that hold
     `batch_size` examples' worth of loss terms (`loss_terms`, one per example by default), and the
@@ -37,7 +40,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, lengths: Sequence[int], batch_size: int, seed: int, loss_terms: Optional[Sequence[int]] = None
+        self, lengths: Sequence[int], batch_size: int, seed: int, loss_terms: Optional[Sequence[int]] = None,
+        group_by_length: bool = True,
     ) -> None:
         self.lengths = [int(length) for length in lengths]
         self.loss_terms = [1] * len(self.lengths) if loss_terms is None else [int(terms) for terms in loss_terms]
@@ -47,6 +51,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         # A batch's share of loss terms: what `batch_size` examples hold on average.
         self.terms_per_batch = batch_size * sum(self.loss_terms) / max(1, len(self.lengths))
         self.seed = seed
+        self.group_by_length = group_by_length
         self.epoch = 1
         self._batches: tuple[int, list[list[int]]] = (0, [])
 
@@ -67,6 +72,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def _draw(self, generator: torch.Generator) -> list[list[int]]:
         if not self.lengths:
             return []
+        if not self.group_by_length:
+            # A random permutation cut into batches of `batch_size`: the order earlier llmrec versions drew.
+            order = torch.randperm(len(self.lengths), generator=generator).tolist()
+            return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         # 50 batches per mega-batch as in transformers, or 2 mega-batches in a small data set (transformers
         # makes 4, which on MovieLens-100k leaves lengths too mixed within each to fill the batches).
         mega_batch_size = self.batch_size * max(1, min(len(self.lengths) // (2 * self.batch_size), 50))

@@ -467,11 +467,16 @@ class LlmRecTrainer:
         self, stage: str, examples: list, batch_size: int, collate: Callable, lengths: Sequence[int],
         loss_terms: Optional[Sequence[int]] = None,
     ) -> DataLoader:
-        """Batches of similar-length examples (`LengthGroupedBatchSampler`), each padded to its own longest."""
+        """Seeded batches (`LengthGroupedBatchSampler`; of similar lengths with `training.group_by_length`), each
+        padded to its own longest."""
         seed = derived_seed(self.config.training.seed, STAGES.index(stage))
         # Its own generator, so that starting an epoch (the loader draws a worker base seed) leaves the global RNG alone.
         return DataLoader(
-            examples, batch_sampler=LengthGroupedBatchSampler(lengths, batch_size, seed, loss_terms), collate_fn=collate,
+            examples,
+            batch_sampler=LengthGroupedBatchSampler(
+                lengths, batch_size, seed, loss_terms, group_by_length=self.config.training.group_by_length
+            ),
+            collate_fn=collate,
             generator=torch.Generator().manual_seed(seed),
         )
 
