@@ -62,12 +62,16 @@ def run_worker(spec_path: Path) -> None:
     from llmrec.training.pipeline import default_encoder_path
     from llmrec.training.trainer import LlmRecTrainer
 
+    from llmrec.config import TrainingSettings
+
     data = json.loads(Path(spec["data"]).read_text())
+    training = {"retrieval_epochs": spec["epochs"], "cpu_threads": spec["threads"], "early_stopping_patience": 0,
+                "loss": spec["loss"]}
+    if "group_by_length" in TrainingSettings.__dataclass_fields__:  # what is measured; older checkouts lack the key
+        training["group_by_length"] = True
     with tempfile.TemporaryDirectory() as output_dir:
         config = load_config(Path(spec["code"]) / DEFAULT_CONFIG, {
-            "output_dir": output_dir, "model": {"max_history_length": spec["window"]},
-            "training": {"retrieval_epochs": spec["epochs"], "cpu_threads": spec["threads"], "early_stopping_patience": 0,
-                         "loss": spec["loss"]},
+            "output_dir": output_dir, "model": {"max_history_length": spec["window"]}, "training": training,
         })
         num_items = data["num_items"]
         split = SequentialSplit([str(item) for item in range(1, num_items + 1)], [""] * num_items,
