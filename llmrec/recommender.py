@@ -373,7 +373,10 @@ class Recommender:
         return self._model_card(self._state, repo_id)
 
     def _model_card(self, state: ServingState, repo_id: Optional[str] = None) -> Any:
-        return render_model_card(self.model.config, state.item_ids, self.eval_results, self.training_config, repo_id=repo_id)
+        return render_model_card(
+            self.model.config, state.item_ids, self.eval_results, self.training_config, repo_id=repo_id,
+            index_type=type(state.pipeline.index.faiss_index).__name__,  # the FAISS class the folder really holds
+        )
 
     def push_to_hub(
         self,

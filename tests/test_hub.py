@@ -363,3 +363,19 @@ def test_a_folder_moved_aside_by_an_interrupted_save_is_restored(model_folder, t
     os.replace(target, tmp_path / ".served.old-0123456789ab")  # killed between the two renames
     assert Recommender.from_pretrained(target).num_items == 80
     assert target.is_dir()
+
+
+def test_the_model_card_names_the_index_the_folder_holds(tiny_encoder_dir, tmp_path):
+    from llmrec.retrieval import build_item_index
+    from tests.test_serving_safety import build_recommender
+
+    flat = build_recommender(tiny_encoder_dir)
+    assert "`IndexFlatIP`" in str(flat.model_card())
+    hnsw = Recommender(
+        flat.model, flat.tokenizer, list(flat.item_ids), list(flat.item_texts), flat.item_popularity,
+        index=build_item_index(flat.model, "hnsw"),
+    )
+    card = str(hnsw.model_card())
+    assert "`IndexHNSWFlat`" in card and "IndexFlatIP" not in card
+    hnsw.save_pretrained(tmp_path / "model")
+    assert "`IndexHNSWFlat`" in (tmp_path / "model" / "README.md").read_text()
