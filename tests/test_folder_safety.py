@@ -427,7 +427,7 @@ def _corrupt(path: Path, kind: str, argument, outside: Path) -> None:
             path.symlink_to(outside)
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(file_index=st.integers(0, 100), corruption=CORRUPTIONS, verify=st.booleans())
 def test_any_corrupted_file_loads_unchanged_or_raises_an_llmrec_error(saved, expected, tmp_path_factory, file_index, corruption, verify):
     work = tmp_path_factory.mktemp("fuzz")

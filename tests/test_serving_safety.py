@@ -469,7 +469,7 @@ ANY_VALUE = st.recursive(
 HISTORIES = st.one_of(st.lists(st.sampled_from(KNOWN), max_size=10), ANY_VALUE)
 KS = st.one_of(st.integers(-3, 40), st.sampled_from([10**4, 10**6, 10**12, -(10**9)]), st.floats(allow_nan=True), st.none(), st.booleans())
 FLAGS = st.one_of(st.booleans(), ANY_VALUE)
-PROFILE_SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+PROFILE_SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 def _assert_well_formed(ranked, state_ids) -> None:
@@ -525,7 +525,7 @@ def test_explain_takes_any_arguments(recommender, history, item, per_head):
         assert len(weights) == min(len(list(history)), 8)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(item_ids=ANY_VALUE, item_texts=ANY_VALUE)
 def test_add_items_takes_any_arguments(tiny_encoder_dir, item_ids, item_texts):
     recommender = _add_items_recommender(tiny_encoder_dir)
