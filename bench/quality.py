@@ -139,10 +139,10 @@ def main() -> None:
     results: dict[str, Any] = {"dataset": args.dataset, "config": args.config, "protocol": _protocol(split, args.dataset),
                                "machine": _machine(), "systems": {}}
 
-    if "popularity" in args.systems:
-        results["systems"]["popularity"] = _popularity(split)
-    if "itemknn" in args.systems:
-        results["systems"]["itemknn"] = _itemknn(split, args.knn_neighbors, args.knn_shrinkage)
+    baselines = {"popularity": lambda: _popularity(split),
+                 "itemknn": lambda: _itemknn(split, args.knn_neighbors, args.knn_shrinkage)}
+    for system in (system for system in args.systems if system in baselines):
+        results["systems"][system] = _baseline(system, baselines[system], args)
 
     learned = [system for system in args.systems if system in LEARNED_SYSTEMS]
     code_root = _code_root(args) if learned and not args.reuse else None
@@ -191,6 +191,18 @@ def _fill_defaults(args: argparse.Namespace) -> None:
 
 
 # ----- baselines ---------------------------------------------------------------------------------------
+
+
+def _baseline(system: str, fit_and_score, args: argparse.Namespace) -> dict:
+    """A deterministic baseline's results, kept in the work folder so --reuse / --skip-existing need not refit it."""
+    record_path = args.work_dir / f"{system}.bench.json"
+    if (args.reuse or args.skip_existing) and record_path.is_file():
+        logger.info("%s: reusing %s.", system, record_path)
+        return json.loads(record_path.read_text())
+    result = fit_and_score()
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def _evaluate(score_function, examples, num_items: int, desc: str) -> dict[str, float]:
