@@ -19,12 +19,15 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..errors import ModelFolderError
+from ..utils.snapshots import download_snapshot, is_hub_repo_id
 from .configuration_llmrec import LlmRecConfig
 from .encoders import locate_encoder, portable_encoder_name
 
 # A LoRA-tuned encoder is saved as a PEFT adapter in this subfolder, beside the rest of the model.
 ENCODER_ADAPTER_FOLDER = "encoder_adapter"
 _BACKBONE_PREFIX = "item_encoder.backbone."
+# `from_pretrained` arguments that choose which snapshot of a Hub repo to read.
+_SNAPSHOT_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 
 IGNORE_INDEX = -100
 
@@ -572,12 +575,19 @@ class LlmRecModel(LlmRecPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> "LlmRecModel":
         """Like `PreTrainedModel.from_pretrained`, but strict and without remote code.
 
-        A folder holding an encoder adapter gets base model + adapter. Any tensor the weights lack, hold
-        in excess or hold in another shape than `config.json` implies raises `ModelFolderError` naming it:
-        transformers would start such modules from random values and only log a load report.
+        A Hub repo id is first resolved to its local snapshot (`snapshot_download`, honouring `revision`,
+        `token`, `cache_dir` and `local_files_only`), so it loads exactly as a folder does. A folder holding
+        an encoder adapter gets base model + adapter. Any tensor the weights lack, hold in excess or hold in
+        another shape than `config.json` implies raises `ModelFolderError` naming it: transformers would
+        start such modules from random values and only log a load report.
         """
         kwargs["trust_remote_code"] = False
         want_loading_info = kwargs.pop("output_loading_info", False)
+        if is_hub_repo_id(pretrained_model_name_or_path):
+            download_kwargs = {name: kwargs.pop(name) for name in _SNAPSHOT_KWARGS if name in kwargs}
+            pretrained_model_name_or_path = download_snapshot(
+                str(pretrained_model_name_or_path), walk=(ENCODER_ADAPTER_FOLDER,), **download_kwargs
+            )
         folder = Path(pretrained_model_name_or_path)
         if folder.is_dir() and (folder / "config.json").is_file():
             config = LlmRecConfig.from_pretrained(folder, trust_remote_code=False)
