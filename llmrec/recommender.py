@@ -31,6 +31,7 @@ from .serving import (
 )
 from .utils.integrity import check_links_stay_inside, find_custom_code, record_checksums, verify_checksums
 from .utils.io import CARRYING_MARKER, atomic_write, remove_stale_temporaries, restore_interrupted_replace, write_json_atomic
+from .utils.quiet import quiet_library_progress
 from .utils.snapshots import download_snapshot, is_hub_repo_id
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ class Recommender:
     # ----- loading and saving -----------------------------------------------------------------------
 
     @classmethod
+    @quiet_library_progress()
     def from_pretrained(
         cls,
         path_or_repo_id: Union[str, Path],
@@ -298,6 +300,7 @@ class Recommender:
                 "or download the folder again."
             ) from error
 
+    @quiet_library_progress()
     def save_pretrained(self, save_directory: Union[str, Path]) -> None:
         """Write one self-contained folder: config, safetensors weights (or a LoRA adapter), tokenizer,
         catalogue, FAISS index, training metadata and the model card (`README.md`).

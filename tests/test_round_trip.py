@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +162,49 @@ def test_a_lora_model_loaded_by_hub_repo_id_has_the_trained_encoder(tiny_encoder
     torch.testing.assert_close(by_repo_id.state_dict(), local.state_dict(), rtol=0, atol=1e-6)
     served = Recommender(by_repo_id, tokenizer, list(original.item_ids), list(original.item_texts), original.item_popularity)
     assert_same_outputs(outputs_of(original), outputs_of(served))
+
+
+# ----- loading and saving are quiet ------------------------------------------------------------------
+
+
+def library_bar_settings() -> tuple:
+    import datasets
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    return transformers_logging.is_progress_bar_enabled(), datasets.are_progress_bars_disabled(), hub_utils.are_progress_bars_disabled()
+
+
+def test_saving_and_loading_print_nothing_and_keep_the_users_settings(tiny_encoder_dir, tmp_path, capfd):
+    import datasets
+
+    recommender = build_variant(tiny_encoder_dir, "lora")
+    capfd.readouterr()
+    before = library_bar_settings()
+    recommender.save_pretrained(tmp_path / "model")
+    Recommender.from_pretrained(tmp_path / "model")
+    LlmRecModel.from_pretrained(tmp_path / "model").save_pretrained(tmp_path / "weights")
+    assert capfd.readouterr() == ("", "")
+    assert library_bar_settings() == before
+    datasets.disable_progress_bars()  # a user's own choice survives a load
+    try:
+        Recommender.from_pretrained(tmp_path / "model")
+        assert library_bar_settings() == (before[0], True, before[2])
+    finally:
+        datasets.enable_progress_bars()
+    assert capfd.readouterr() == ("", "")
+
+
+def test_a_script_that_loads_and_saves_prints_nothing(tiny_encoder_dir, tmp_path):
+    """Outside pytest's log capture too: no bars, and no warnings reaching logging's last-resort handler."""
+    build_variant(tiny_encoder_dir, "hybrid").save_pretrained(tmp_path / "model")
+    script = (
+        "import sys; from llmrec import Recommender; "
+        "r = Recommender.from_pretrained(sys.argv[1]); r.save_pretrained(sys.argv[2]); r.recommend(['i1'], k=3)"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "model"), str(tmp_path / "again")],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert (completed.stdout, completed.stderr) == ("", "")

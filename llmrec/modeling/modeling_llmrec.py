@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..errors import ModelFolderError
+from ..utils.quiet import quiet_library_progress
 from ..utils.snapshots import download_snapshot, is_hub_repo_id
 from .configuration_llmrec import LlmRecConfig
 from .encoders import locate_encoder, portable_encoder_name
@@ -532,6 +533,7 @@ class LlmRecModel(LlmRecPreTrainedModel):
         nn.init.zeros_(self.reranker.scorer[-1].bias)
 
     @classmethod
+    @quiet_library_progress()
     def from_encoder(cls, encoder_name_or_path: str, **config_kwargs) -> "LlmRecModel":
         """A new model around pretrained encoder weights (a local path or hub id, loaded by HF)."""
         encoder = AutoModel.from_pretrained(
@@ -553,6 +555,7 @@ class LlmRecModel(LlmRecPreTrainedModel):
         """True when the encoder is wrapped in PEFT (LoRA) adapters."""
         return hasattr(self.item_encoder.backbone, "peft_config")
 
+    @quiet_library_progress()
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
         """Like `PreTrainedModel.save_pretrained`; a LoRA-tuned encoder is saved as a PEFT adapter.
 
@@ -572,6 +575,7 @@ class LlmRecModel(LlmRecPreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
+    @quiet_library_progress()
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> "LlmRecModel":
         """Like `PreTrainedModel.from_pretrained`, but strict and without remote code.
 
