@@ -208,3 +208,13 @@ def test_a_script_that_loads_and_saves_prints_nothing(tiny_encoder_dir, tmp_path
     )
     assert completed.returncode == 0, completed.stderr
     assert (completed.stdout, completed.stderr) == ("", "")
+
+
+def test_one_rule_tells_a_hub_repo_id_from_a_path(tmp_path, monkeypatch):
+    from llmrec.utils.snapshots import is_hub_repo_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "model").mkdir(parents=True)
+    assert is_hub_repo_id("someone/llmrec-model") and is_hub_repo_id(Path("someone/llmrec-model"))
+    for path_like in ("runs/model", "./someone/x", "/abs/x", "~/x", "model", "a/b/c", "unknown"):
+        assert not is_hub_repo_id(path_like), path_like
