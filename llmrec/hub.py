@@ -18,6 +18,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from .errors import HubUploadError, ModelFolderError
 from .modeling import LlmRecConfig
 from .modeling.modeling_llmrec import ENCODER_ADAPTER_FOLDER
+from .utils.snapshots import is_hub_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,6 @@ def render_model_card(
     base_model = config.encoder_name_or_path or "unknown"
     dataset_id, dataset_name = _dataset_identity(training_config)
     model_name = repo_id.split("/")[-1] if repo_id else f"llmrec-{dataset_id}"
-    is_hub_id = base_model.count("/") == 1 and not base_model.startswith((".", "/", "~"))
 
     evaluations = [
         EvalResult(
@@ -140,7 +140,7 @@ def render_model_card(
         library_name="llmrec",
         tags=tags,
         datasets=[dataset_id],
-        base_model=base_model if is_hub_id else None,
+        base_model=base_model if is_hub_repo_id(base_model) else None,
         model_name=model_name,
         eval_results=evaluations or None,
     )

@@ -31,6 +31,8 @@ from .serving import (
 )
 from .utils.integrity import check_links_stay_inside, find_custom_code, record_checksums, verify_checksums
 from .utils.io import CARRYING_MARKER, atomic_write, remove_stale_temporaries, restore_interrupted_replace, write_json_atomic
+from .utils.quiet import quiet_library_progress
+from .utils.snapshots import download_snapshot, is_hub_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +173,7 @@ class Recommender:
     # ----- loading and saving -----------------------------------------------------------------------
 
     @classmethod
+    @quiet_library_progress()
     def from_pretrained(
         cls,
         path_or_repo_id: Union[str, Path],
@@ -239,24 +242,12 @@ class Recommender:
             check_links_stay_inside(folder, walk=(ENCODER_ADAPTER_FOLDER,))
             remove_stale_temporaries(folder)  # what a save killed mid-write left beside the folder
             return folder
-        name = str(path_or_repo_id)
-        if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        if not is_hub_repo_id(path_or_repo_id):
             raise ModelFolderError(
                 f"Model folder {folder} does not exist; pass the output_dir of a finetune run, a folder written by "
                 "Recommender.save_pretrained, or a Hub repo id (user/name)."
             )
-        from huggingface_hub import snapshot_download
-
-        try:
-            snapshot = Path(snapshot_download(name, revision=revision, token=token))
-        except Exception as error:  # offline, unknown repo, no permission: one clear message
-            raise ModelFolderError(
-                f"{name} is neither a local model folder nor a Hub repo that could be downloaded "
-                f"({type(error).__name__}: {error})."
-            ) from error
-        # The cache keeps a repo as <repo>/snapshots/<revision>/ of links into <repo>/blobs/.
-        check_links_stay_inside(snapshot, root=snapshot.resolve().parents[1], walk=(ENCODER_ADAPTER_FOLDER,))
-        return snapshot
+        return download_snapshot(str(path_or_repo_id), revision=revision, token=token, walk=(ENCODER_ADAPTER_FOLDER,))
 
     @staticmethod
     def check_folder(folder: Union[str, Path], verify: bool = False) -> None:
@@ -309,6 +300,7 @@ class Recommender:
                 "or download the folder again."
             ) from error
 
+    @quiet_library_progress()
     def save_pretrained(self, save_directory: Union[str, Path]) -> None:
         """Write one self-contained folder: config, safetensors weights (or a LoRA adapter), tokenizer,
         catalogue, FAISS index, training metadata and the model card (`README.md`).

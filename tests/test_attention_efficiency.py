@@ -277,8 +277,22 @@ def test_finetune_with_summary_checkpointing_bf16_and_hnsw_trains_and_serves(tmp
     recommender = Recommender.from_pretrained(tmp_path / "run")
     assert recommender.model.config.history_summary and recommender.model.user_encoder.summary_projection is not None
     assert recommender.pipeline.index.index_type == "hnsw" and recommender.pipeline.index.params["M"] == 8
-    long_history = recommender.item_ids[:12]
-    assert len(recommender.recommend(long_history, k=5)) == 5
+    long_history = list(recommender.item_ids[:12])  # three times the window: the summary carries the rest
+    ranked = recommender.recommend(long_history, k=5)
+    items, scores = [item for item, _ in ranked], [score for _, score in ranked]
+    assert len(set(items)) == 5 and not set(items) & set(long_history) and scores == sorted(scores, reverse=True)
+    # The two serving paths agree: the head scores these items as recommend did.
+    reranked = dict(recommender.rerank(long_history, items))
+    np.testing.assert_allclose([reranked[item] for item in items], scores, rtol=0, atol=1e-5)
+    # The history before the window is read (through the summary), not dropped.
+    window_only = dict(recommender.rerank(long_history[-4:], items))
+    assert max(abs(window_only[item] - reranked[item]) for item in items) > 1e-4
+    # HNSW finds what an exact search finds on this small catalogue.
+    exact = Recommender(
+        recommender.model, recommender.tokenizer, list(recommender.item_ids), list(recommender.item_texts),
+        recommender.item_popularity, index=build_item_index(recommender.model, "flat"),
+    )
+    assert [item for item, _ in exact.recommend(long_history, k=5)] == items
 
 
 def test_length_chunked_text_encoding_equals_one_padded_batch(model):

@@ -19,18 +19,67 @@ METRICS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20", "mrr@20")
 
 
 def assert_run_outputs(output_dir: Path) -> dict:
-    for name in ("config.json", "model.safetensors", "catalogue.parquet", "item_index.faiss", "tokenizer.json", "eval_results.json", "config.yaml"):
+    """The folder is complete and consistent, and its metrics are those its own saved model reproduces.
+
+    Every @k metric obeys MRR <= NDCG <= HR and grows with k, and HR@k is a whole number of hits; the
+    model card, `config.yaml` and `eval_results.json` agree; and re-evaluating the saved folder on the
+    run's test and validation users (data split again from `config.yaml`) gives the recorded numbers.
+    """
+    for name in ("config.json", "model.safetensors", "catalogue.parquet", "item_index.faiss", "tokenizer.json", "eval_results.json", "config.yaml", "README.md"):
         assert (output_dir / name).is_file(), f"{name} missing from {output_dir}"
     results = json.loads((output_dir / "eval_results.json").read_text())
     for split in ("valid", "test"):
         assert set(results[split]) == set(SYSTEMS)
+        assert len({results[split][system]["num_users"] for system in SYSTEMS}) == 1, "systems saw different users"
         for system in SYSTEMS:
-            for metric in METRICS:
-                assert 0.0 <= results[split][system][metric] <= 1.0
+            assert_metrics_are_consistent(results[split][system], f"{split} {system}")
     for key in ("retrieval_training_seconds", "rerank_training_seconds", "evaluation_seconds", "total_seconds"):
         assert results["timings"][key] > 0
     assert results["config"]["output_dir"] == str(output_dir)
+    assert yaml.safe_load((output_dir / "config.yaml").read_text()) == results["config"]
+    card = yaml.safe_load((output_dir / "README.md").read_text().split("---\n")[1])
+    card_metrics = {metric["type"]: metric["value"] for metric in card["model-index"][0]["results"][0]["metrics"]}
+    assert card_metrics == pytest.approx({m.replace("@", "_at_"): results["test"]["rerank"][m] for m in METRICS}, abs=1e-6)
+    assert_saved_model_reproduces(output_dir, results)
     return results
+
+
+def assert_metrics_are_consistent(metrics: dict, label: str) -> None:
+    users = metrics["num_users"]
+    assert isinstance(users, int) and users > 0, label
+    for k in (10, 20):
+        mrr, ndcg, hr = metrics[f"mrr@{k}"], metrics[f"ndcg@{k}"], metrics[f"hr@{k}"]
+        assert 0.0 <= mrr <= ndcg + 1e-9 and ndcg <= hr + 1e-9 and hr <= 1.0, (label, k, metrics)
+        assert abs(hr * users - round(hr * users)) < 1e-6, f"{label}: hr@{k} {hr} is not a count of hits over {users} users"
+    for name in ("mrr", "ndcg", "hr"):
+        assert metrics[f"{name}@10"] <= metrics[f"{name}@20"] + 1e-9, (label, name, metrics)
+
+
+def assert_saved_model_reproduces(output_dir: Path, results: dict) -> None:
+    """Evaluate the saved folder again, in this process, on users split again from the run's own config."""
+    import numpy as np
+
+    from llmrec import Recommender
+    from llmrec.config import load_config
+    from llmrec.data import build_split, load_interaction_data
+    from llmrec.evaluation import evaluate_ranking, popularity_scores
+    from llmrec.training.trainer import rerank_score_function, retrieval_score_function
+
+    config = load_config(overrides=results["config"])
+    split = build_split(load_interaction_data(config.data), config.data)
+    recommender = Recommender.from_pretrained(output_dir)
+    assert list(recommender.item_ids) == list(split.item_ids)
+    popularity = np.concatenate([[0.0], np.asarray(recommender.item_popularity, dtype=float)])
+    np.testing.assert_allclose(popularity, split.item_popularity())
+    systems = {
+        "popularity": popularity_scores(popularity),
+        "retrieval": retrieval_score_function(recommender.pipeline, split.num_items),
+        "rerank": rerank_score_function(recommender.pipeline, split.num_items),
+    }
+    for split_name, examples in (("valid", split.valid), ("test", split.test)):
+        for system, score_fn in systems.items():
+            again = evaluate_ranking(score_fn, examples.histories, examples.targets, split.num_items, ks=config.evaluation.ks)
+            assert again == pytest.approx(results[split_name][system], abs=1e-6), (split_name, system)
 
 
 def test_finetune_writes_model_index_and_results(trained_run):

@@ -103,13 +103,13 @@ def test_save_replaces_the_model_but_keeps_checkpoints_and_user_files(recommende
 # ----- model card -----------------------------------------------------------------------------------
 
 
-def test_model_card_has_hub_metadata_and_the_real_metrics(trained_run, model_folder):
+def test_model_card_has_hub_metadata_and_the_real_metrics(trained_run, model_folder, planted_data_dir):
     _, results = trained_run
     card = (model_folder / "README.md").read_text()
     metadata = front_matter(card)
     assert metadata["library_name"] == "llmrec"
     assert {"recommendation", "llmrec"} <= set(metadata["tags"])
-    assert metadata["datasets"] == ["planted"] or metadata["datasets"][0].startswith("planted")
+    assert metadata["datasets"] == [planted_data_dir.name.lower()]  # the data folder's name, as a Hub-style id
     (entry,) = metadata["model-index"]
     metrics = {metric["type"]: metric["value"] for metric in entry["results"][0]["metrics"]}
     for name, value in results["test"]["rerank"].items():

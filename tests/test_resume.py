@@ -127,13 +127,18 @@ def test_resume_after_sigkill_in_each_stage_matches_uninterrupted_run(tmp_path, 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, planted_data_dir, tiny_encoder_dir):
     config_file = _write_config(tmp_path, planted_data_dir, tiny_encoder_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for extra in (["--resume"], ["--resume", str(tmp_path / "no-such-checkpoint")]):
+    missing = tmp_path / "no-such-checkpoint"
+    cases = {
+        "latest, none saved": (["--resume"], f"Nothing to resume from: no intact checkpoint in {tmp_path / 'empty' / 'checkpoints'}"),
+        "a folder that is no checkpoint": (["--resume", str(missing)], f"{missing} is not a checkpoint folder"),
+    }
+    for extra, message in cases.values():
         completed = subprocess.run(
             [sys.executable, "scripts/finetune.py", "--config", str(config_file), "--output_dir", str(tmp_path / "empty"), *extra],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
         )
         assert completed.returncode == 2, completed.stderr[-3000:]
         assert completed.stderr.startswith("error: "), completed.stderr[-3000:]
-        assert "Nothing to resume from" in completed.stderr or "is not a checkpoint folder" in completed.stderr
+        assert message in completed.stderr, completed.stderr[-3000:]
         assert "Traceback" not in completed.stderr
         assert not (tmp_path / "empty" / "eval_results.json").exists()

@@ -19,12 +19,16 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..errors import ModelFolderError
+from ..utils.quiet import quiet_library_progress
+from ..utils.snapshots import download_snapshot, is_hub_repo_id
 from .configuration_llmrec import LlmRecConfig
 from .encoders import locate_encoder, portable_encoder_name
 
 # A LoRA-tuned encoder is saved as a PEFT adapter in this subfolder, beside the rest of the model.
 ENCODER_ADAPTER_FOLDER = "encoder_adapter"
 _BACKBONE_PREFIX = "item_encoder.backbone."
+# `from_pretrained` arguments that choose which snapshot of a Hub repo to read.
+_SNAPSHOT_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 
 IGNORE_INDEX = -100
 
@@ -529,6 +533,7 @@ class LlmRecModel(LlmRecPreTrainedModel):
         nn.init.zeros_(self.reranker.scorer[-1].bias)
 
     @classmethod
+    @quiet_library_progress()
     def from_encoder(cls, encoder_name_or_path: str, **config_kwargs) -> "LlmRecModel":
         """A new model around pretrained encoder weights (a local path or hub id, loaded by HF)."""
         encoder = AutoModel.from_pretrained(
@@ -550,6 +555,7 @@ class LlmRecModel(LlmRecPreTrainedModel):
         """True when the encoder is wrapped in PEFT (LoRA) adapters."""
         return hasattr(self.item_encoder.backbone, "peft_config")
 
+    @quiet_library_progress()
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
         """Like `PreTrainedModel.save_pretrained`; a LoRA-tuned encoder is saved as a PEFT adapter.
 
@@ -569,15 +575,23 @@ class LlmRecModel(LlmRecPreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
+    @quiet_library_progress()
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> "LlmRecModel":
         """Like `PreTrainedModel.from_pretrained`, but strict and without remote code.
 
-        A folder holding an encoder adapter gets base model + adapter. Any tensor the weights lack, hold
-        in excess or hold in another shape than `config.json` implies raises `ModelFolderError` naming it:
-        transformers would start such modules from random values and only log a load report.
+        A Hub repo id is first resolved to its local snapshot (`snapshot_download`, honouring `revision`,
+        `token`, `cache_dir` and `local_files_only`), so it loads exactly as a folder does. A folder holding
+        an encoder adapter gets base model + adapter. Any tensor the weights lack, hold in excess or hold in
+        another shape than `config.json` implies raises `ModelFolderError` naming it: transformers would
+        start such modules from random values and only log a load report.
         """
         kwargs["trust_remote_code"] = False
         want_loading_info = kwargs.pop("output_loading_info", False)
+        if is_hub_repo_id(pretrained_model_name_or_path):
+            download_kwargs = {name: kwargs.pop(name) for name in _SNAPSHOT_KWARGS if name in kwargs}
+            pretrained_model_name_or_path = download_snapshot(
+                str(pretrained_model_name_or_path), walk=(ENCODER_ADAPTER_FOLDER,), **download_kwargs
+            )
         folder = Path(pretrained_model_name_or_path)
         if folder.is_dir() and (folder / "config.json").is_file():
             config = LlmRecConfig.from_pretrained(folder, trust_remote_code=False)

@@ -22,6 +22,7 @@ from ..modeling import LlmRecModel
 from ..modeling.text_encoding import encode_catalogue, tokenize_item_texts
 from ..recommender import Recommender
 from ..retrieval import CandidatePipeline
+from ..utils.snapshots import is_hub_repo_id
 from .preflight import preflight
 from .profiles import embed_user_profiles, fit_user_profiles, profile_score_functions
 from .trainer import LlmRecTrainer, find_checkpoint, rerank_score_function, retrieval_score_function
@@ -43,7 +44,7 @@ def default_encoder_path() -> str:
 
 def resolve_encoder(config: ExperimentConfig) -> str:
     encoder = config.model.encoder or default_encoder_path()
-    looks_local = encoder.startswith((".", "/", "~")) or Path(encoder).exists() or encoder.count("/") != 1
+    looks_local = not is_hub_repo_id(encoder)
     if looks_local and not Path(encoder).expanduser().is_dir():
         raise ConfigError(f"model.encoder {encoder!r} is not a folder; give a local HF model folder or a hub id (org/name).")
     return str(Path(encoder).expanduser()) if looks_local else encoder
