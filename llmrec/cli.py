@@ -397,8 +397,10 @@ def _recorded_index_type(index_path: Path) -> tuple[str, dict[str, Any]]:
 
     try:
         meta = json.loads(sidecar_path(index_path).read_text(encoding="utf-8"))
-        return str(meta.get("index_type", "flat")), dict(meta.get("params") or {})
-    except (OSError, ValueError, TypeError):
+        params = dict(meta.get("params") or {})
+        params.update({name: meta[name] for name in ("factory", "num_shards") if name in meta})  # factory / sharded indexes
+        return str(meta.get("index_type", "flat")), params
+    except (OSError, ValueError, TypeError, AttributeError):
         return "flat", {}
 
 

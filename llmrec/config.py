@@ -328,7 +328,18 @@ class RetrievalSettings:
     index_type: str = field(
         default="flat",
         metadata={"help": "FAISS index of the model: flat (exact) | hnsw | ivf (approximate; they pay off from "
-                  "~100k items, see bench/README.md)."},
+                  "~100k items, see bench/README.md) | factory (retrieval.index_factory, for catalogues beyond memory)."},
+    )
+    index_factory: Optional[str] = field(
+        default=None,
+        metadata={"help": "FAISS factory string for index_type factory, e.g. 'IVF4096,PQ16' or 'OPQ16,IVF4096,PQ16' "
+                  "(16 bytes per item; PQ/OPQ sub-quantizers must divide the embedding size). Trained on a sample "
+                  "of up to 262,144 items and filled in chunks; ivf_nprobe sets its lists scanned per query."},
+    )
+    index_shards: int = field(
+        default=1,
+        metadata={"help": "Split a flat or factory index into this many shards of consecutive items; FAISS merges "
+                  "their top-k exactly (the saved folder holds them merged)."},
     )
     # null = ItemIndex's defaults (llmrec/retrieval/index.py, chosen on the benchmark's 1M-item catalogue).
     hnsw_m: Optional[int] = field(default=None, metadata={"help": "HNSW links per item (index_type hnsw)."})
@@ -344,7 +355,18 @@ class RetrievalSettings:
             raise ConfigError(f"retrieval.num_candidates must be positive, got {self.num_candidates}.")
         if self.num_candidates > MAX_NUM_CANDIDATES:
             raise ConfigError(f"retrieval.num_candidates must be at most {MAX_NUM_CANDIDATES}, got {self.num_candidates}.")
-        _check_choice("retrieval.index_type", self.index_type, ["flat", "hnsw", "ivf"])
+        _check_choice("retrieval.index_type", self.index_type, ["flat", "hnsw", "ivf", "factory"])
+        if (self.index_type == "factory") != (self.index_factory is not None):
+            raise ConfigError(
+                "retrieval.index_factory and retrieval.index_type: factory go together; set both (e.g. index_type: factory, "
+                f"index_factory: 'IVF4096,PQ16') or neither (got index_type {self.index_type!r}, index_factory {self.index_factory!r})."
+            )
+        if self.index_factory is not None and (not isinstance(self.index_factory, str) or not self.index_factory.strip()):
+            raise ConfigError(f"retrieval.index_factory must be a FAISS factory string such as 'IVF4096,PQ16'; got {self.index_factory!r}.")
+        if isinstance(self.index_shards, bool) or not isinstance(self.index_shards, int) or self.index_shards < 1:
+            raise ConfigError(f"retrieval.index_shards must be a positive integer, got {self.index_shards!r}.")
+        if self.index_shards > 1 and self.index_type not in ("flat", "factory"):
+            raise ConfigError(f"retrieval.index_shards > 1 needs index_type flat or factory, got {self.index_type!r}.")
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"retrieval.{name} must be positive or null, got {getattr(self, name)}.")
@@ -354,7 +376,10 @@ class RetrievalSettings:
         names = {
             "hnsw": {"M": self.hnsw_m, "efConstruction": self.hnsw_ef_construction, "efSearch": self.hnsw_ef_search},
             "ivf": {"nlist": self.ivf_nlist, "nprobe": self.ivf_nprobe},
+            "factory": {"factory": self.index_factory, "nprobe": self.ivf_nprobe},
         }.get(self.index_type, {})
+        if self.index_shards > 1:
+            names["num_shards"] = self.index_shards
         return {name: value for name, value in names.items() if value is not None}
 
 

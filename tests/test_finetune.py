@@ -127,10 +127,9 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, planted_data_dir, tiny_en
     overrides = tiny_overrides(planted_data_dir, tiny_encoder_dir, tmp_path / "ddp")
     overrides["training"].update({"retrieval_epochs": 3, "rerank_epochs": 2})
     completed = _run_script(
-        # `--cpu` would start one process unless given an MPI hostfile; `--multi_gpu` uses torchrun, and llmrec
-        # switches Accelerate to gloo (MULTI_CPU) when no GPU is present.
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "scripts/finetune.py"],
+        # The shipped launch config: torchrun with 2 processes, which llmrec runs over gloo when no GPU is present.
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_ddp.yaml"),
+         "scripts/finetune.py"],
         tmp_path,
         overrides,
     )

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmrec.evaluation.metrics import ranking_metrics, target_ranks
+from llmrec.utils.distributed import gather_rows, is_distributed, shard_batches
 from llmrec.utils.length_order import length_sorted_batches
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,14 @@ def evaluate_ranking(
     batch_size: int = 256,
     exclude_history: bool = True,
     desc: str = "evaluate",
+    accelerator: object | None = None,
 ) -> dict[str, float]:
-    """Rank each user's held-out target against the whole catalogue; history items are removed so re-recommending them earns nothing."""
+    """Rank each user's held-out target against the whole catalogue; history items are removed so re-recommending them earns nothing.
+
+    With a multi-process `accelerator` each process scores its share of the batches and the ranks are
+    gathered by user position, so every user counts once and every process returns the one-process metrics.
+    A score function with `scores_in_input_order` pairs rows by call order and is scored whole in every process.
+    """
     if len(histories) != len(targets):
         raise ValueError(f"{len(histories)} histories but {len(targets)} targets; they must pair up one to one.")
     if len(histories) == 0:
@@ -54,11 +61,12 @@ def evaluate_ranking(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive; got {batch_size}.")
 
-    ranks = torch.empty(len(histories), dtype=torch.long)
+    ranks = torch.full((len(histories),), -1, dtype=torch.long)
     if getattr(score_fn, "scores_in_input_order", False):
         batches = [np.arange(start, min(start + batch_size, len(histories))) for start in range(0, len(histories), batch_size)]
+        accelerator = None
     else:  # batched by history length: a batch pads only to its own longest history, not to the window
-        batches = length_sorted_batches([len(history) for history in histories], batch_size)
+        batches = shard_batches(accelerator, length_sorted_batches([len(history) for history in histories], batch_size))
     with torch.no_grad():
         for positions in tqdm(batches, desc=desc, disable=None, unit="batch"):
             batch_histories = [list(histories[position]) for position in positions]
@@ -70,6 +78,11 @@ def evaluate_ranking(
             scores = scores.detach()
             exclude_mask = history_exclude_mask(batch_histories, num_items, scores.device) if exclude_history else None
             ranks[torch.as_tensor(positions)] = target_ranks(scores, batch_targets.to(scores.device), exclude_mask).cpu()
+    if is_distributed(accelerator):
+        scored = torch.as_tensor(np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64), dtype=torch.long)
+        ranks = gather_rows(accelerator, scored, ranks[scored], torch.full_like(ranks, -1))
+    if bool((ranks < 0).any()):
+        raise RuntimeError(f"{int((ranks < 0).sum())} of {len(ranks)} users were not scored by any process.")
 
     # target_ranks marks a non-finite target with rank num_items; real ranks are at most num_items - 1.
     # Push that sentinel past every K so it stays a miss even when K exceeds a tiny catalogue.

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..errors import ModelFolderError
+from ..utils.distributed import gather_rows, is_distributed, shard_batches
 from .modeling_llmrec import LlmRecModel
 from .precision import autocast
 
@@ -73,12 +74,15 @@ def embed_tokenized_items(
     show_progress: bool = True,
     precision: str = "fp32",
     item_encoder: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    accelerator: Optional[object] = None,
 ) -> torch.Tensor:
     """Pooled encoder outputs of tokenised items (row 0, the padding item, stays zero).
 
     Batches are sorted by length so padding costs little. `precision="bf16"` runs the encoder under bf16
     autocast (see `precision.autocast`); the embeddings are stored in the cache's dtype either way.
     `item_encoder` replaces the model's own encoder, e.g. an `OnnxItemEncoder` exported from it.
+    With a multi-process `accelerator` each process encodes its share of the batches and every process
+    gets the whole table, equal to the one-process table (`utils.distributed`).
     """
     encode = item_encoder if item_encoder is not None else model.encode_item_texts
     was_training = model.training
@@ -86,14 +90,26 @@ def embed_tokenized_items(
     input_ids, attention_mask = tokenized_items["input_ids"], tokenized_items["attention_mask"]
     device = model.item_text_embeddings.device
     lengths = attention_mask[1:].sum(dim=1)
-    order = torch.argsort(lengths, descending=True) + 1
-    embeddings = torch.zeros(len(input_ids), model.item_encoder.output_size, dtype=model.item_text_embeddings.dtype, device=device)
-    for start in tqdm(range(0, len(order), batch_size), desc="encode items", disable=None if show_progress else True, leave=False):
-        rows = order[start : start + batch_size]
+    order = torch.argsort(lengths, descending=True, stable=True) + 1
+    batches = shard_batches(accelerator, [order[start : start + batch_size] for start in range(0, len(order), batch_size)])
+    dtype, width_out = model.item_text_embeddings.dtype, model.item_encoder.output_size
+    embeddings = torch.zeros(len(input_ids), width_out, dtype=dtype, device=device)
+    distributed = is_distributed(accelerator)
+    # Across processes only this shard is held until the gather, not a full table per process.
+    shard_rows = torch.cat(batches) if batches else torch.zeros(0, dtype=torch.long)
+    shard = torch.zeros(len(shard_rows), width_out, dtype=dtype, device=device) if distributed else embeddings
+    written = 0
+    for rows in tqdm(batches, desc="encode items", disable=None if show_progress else True, leave=False):
         width = int(attention_mask[rows].sum(dim=1).max())
         with autocast(device, precision):
             pooled = encode(input_ids[rows, :width].to(device), attention_mask[rows, :width].to(device))
-        embeddings[rows.to(device)] = pooled.to(embeddings.dtype)
+        if distributed:
+            shard[written : written + len(rows)] = pooled.to(dtype)
+            written += len(rows)
+        else:
+            embeddings[rows.to(device)] = pooled.to(dtype)
+    if distributed:
+        gather_rows(accelerator, shard_rows, shard, embeddings)
     model.train(was_training)
     return embeddings
 
@@ -104,9 +120,13 @@ def encode_catalogue(
     batch_size: int = 256,
     show_progress: bool = True,
     precision: str = "fp32",
+    accelerator: Optional[object] = None,
 ) -> torch.Tensor:
-    """Encode every item text once and store the result in `model.item_text_embeddings` (the catalogue cache)."""
-    embeddings = embed_tokenized_items(model, tokenized_items, batch_size, show_progress, precision)
+    """Encode every item text once and store the result in `model.item_text_embeddings` (the catalogue cache).
+
+    Pass the run's `accelerator` to split the work across its processes (each ends with the same cache).
+    """
+    embeddings = embed_tokenized_items(model, tokenized_items, batch_size, show_progress, precision, accelerator=accelerator)
     model.item_text_embeddings.copy_(embeddings)
     logger.info("Encoded %d item texts.", len(embeddings) - 1)
     return embeddings

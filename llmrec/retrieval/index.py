@@ -10,6 +10,8 @@ Three FAISS index types sit behind one `ItemIndex`:
   scanned; cheap to build and to store, needs training data (the catalogue itself).
 
 `bench/scaling.py` measures all three on catalogues up to 1M items and is where the defaults come from.
+Beyond memory, ``factory`` takes any FAISS factory string (IVF-PQ, OPQ; `retrieval.index_factory`), and any
+flat or factory index can be split into shards whose top-k FAISS merges exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import faiss
 import numpy as np
 
 from llmrec.errors import ModelFolderError
+from llmrec.retrieval import factory as large
 from llmrec.utils.io import atomic_write, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -36,7 +39,7 @@ FLAT_FORMAT_VERSION = 1
 FORMAT_VERSION = 2
 PADDING_INDEX = 0
 
-INDEX_TYPES = ("flat", "hnsw", "ivf")
+INDEX_TYPES = ("flat", "hnsw", "ivf", "factory")
 # Defaults (measured in bench/scaling.py on 64-d item embeddings: 1M synthetic items clustered like the trained
 # MovieLens-100k model's, real users as queries, top-100 with the history excluded; bench/results/scaling.md):
 # - HNSW M=32: 64 links per item at the base layer, about as many bytes of graph as of vectors at 64-d; fewer
@@ -52,8 +55,9 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "flat": {},
     "hnsw": {"M": 32, "efConstruction": 100, "efSearch": 320},
     "ivf": {"nlist": None, "nprobe": 48},
+    "factory": {"nprobe": 48},  # used by the IVF inside the factory string, if any
 }
-SEARCH_PARAMS = {"flat": (), "hnsw": ("efSearch",), "ivf": ("nprobe",)}
+SEARCH_PARAMS = {"flat": (), "hnsw": ("efSearch",), "ivf": ("nprobe",), "factory": ("nprobe",)}
 IVF_MIN_ITEMS_PER_LIST = 39
 # With an `allowed` filter this narrow, approximate indexes score the allowed items exactly: a graph or
 # bucket search that must skip most of what it visits would come back short, and scoring a few thousand
@@ -149,6 +153,8 @@ def _params_of(faiss_index: faiss.Index, index_type: str) -> dict[str, Any]:
         return {"M": int(hnsw.nb_neighbors(1)), "efConstruction": int(hnsw.efConstruction), "efSearch": int(hnsw.efSearch)}
     if index_type == "ivf":
         return {"nlist": int(faiss_index.nlist), "nprobe": int(faiss_index.nprobe)}
+    if index_type == "factory":
+        return dict(DEFAULT_PARAMS["factory"])
     return {}
 
 
@@ -185,14 +191,22 @@ class ItemIndex:
         normalize: bool = True,
         index_type: str | None = None,
         params: Mapping[str, Any] | None = None,
+        factory: str | None = None,
     ) -> None:
         self.faiss_index = faiss_index
         self.normalize = bool(normalize)
-        self.index_type = index_type or _index_type_of(faiss_index)
+        self.factory = factory
+        shards = large.shards_of(faiss_index)
+        self.num_shards = 1 if shards is None else len(shards)
+        self.index_type = index_type or _index_type_of(shards[0] if shards else faiss_index)
+        if self.index_type == "factory" and not factory:
+            raise ValueError("A factory ItemIndex needs the factory string it was built from (factory=...).")
         self.params = {**_params_of(faiss_index, self.index_type), **dict(params or {})}
         if self.index_type == "ivf" and faiss_index.direct_map.type == faiss.DirectMap.NoMap:
             # Lets exact fallbacks fetch stored vectors by id (8 bytes per item).
             faiss_index.make_direct_map()
+        if self.index_type == "factory" and self.num_shards == 1:
+            large.make_direct_map(faiss_index)
         self._apply_search_params()
 
     @classmethod
@@ -208,6 +222,13 @@ class ItemIndex:
         items. Items added later are put in the nearest existing list; rebuild after the catalogue has grown
         several-fold, or the lists get long and slow.
         """
+        factory, num_shards = params.pop("factory", None), int(params.pop("num_shards", None) or 1)
+        if index_type == "factory" or num_shards > 1:
+            if index_type not in ("flat", "factory"):
+                raise ValueError(f"Only flat and factory indexes can be sharded; got index_type {index_type!r} with num_shards={num_shards}.")
+            return cls._build_large(item_embeddings, normalize, factory, num_shards, resolve_index_params(index_type, params))
+        if factory is not None:
+            raise ValueError(f"factory={factory!r} is given but index_type is {index_type!r}; use index_type='factory'.")
         resolved = resolve_index_params(index_type, params)
         if index_type != "flat" and not normalize:
             logger.warning(
@@ -242,6 +263,24 @@ class ItemIndex:
         logger.info("Built %r", item_index)
         return item_index
 
+    @classmethod
+    def _build_large(
+        cls, item_embeddings: np.ndarray, normalize: bool, factory: str | None, num_shards: int, params: dict[str, Any]
+    ) -> "ItemIndex":
+        """A factory and/or sharded index, trained on a sample and filled in chunks (a memory map stays on disk)."""
+        if np.ndim(item_embeddings) != 2:
+            raise ValueError(f"item_embeddings must be a 2-D array (rows, dim); got shape {np.shape(item_embeddings)}.")
+        dim = int(item_embeddings.shape[1])
+        if factory is None:
+            template, index_type = faiss.IndexFlatIP(dim), "flat"
+        else:
+            template, index_type = large.empty_factory_index(factory, dim), "factory"
+            large.train_factory_index(template, item_embeddings, normalize)
+        faiss_index = large.build_faiss_index(item_embeddings, template, normalize, num_shards)
+        item_index = cls(faiss_index, normalize=normalize, index_type=index_type, params=params, factory=factory)
+        logger.info("Built %r", item_index)
+        return item_index
+
     def set_search_params(self, **params: Any) -> None:
         """Change the search-time parameters (efSearch for HNSW, nprobe for IVF) without rebuilding."""
         allowed = SEARCH_PARAMS[self.index_type]
@@ -258,6 +297,8 @@ class ItemIndex:
             self.faiss_index.hnsw.efSearch = int(self.params["efSearch"])
         elif self.index_type == "ivf":
             self.faiss_index.nprobe = int(self.params["nprobe"])
+        elif self.index_type == "factory":
+            large.set_nprobe(self.faiss_index, int(self.params["nprobe"]))
 
     def _search_parameters(
         self, selector: faiss.IDSelector | None, k: int, widen: int = 1
@@ -280,6 +321,8 @@ class ItemIndex:
 
     def add(self, item_embeddings: np.ndarray) -> None:
         """Append new items; they get the item indices right after the current last one."""
+        if self.num_shards > 1:
+            raise ValueError("Items cannot be added to a sharded index; rebuild it (ItemIndex.build with num_shards) with the new items.")
         embeddings = _float32_rows(item_embeddings, "item_embeddings", copy=self.normalize)
         self._check_dim(embeddings, "item_embeddings")
         if self.normalize and len(embeddings):
@@ -290,7 +333,8 @@ class ItemIndex:
     def extended(self, item_embeddings: np.ndarray) -> "ItemIndex":
         """A copy with new items appended; the original stays untouched, so searches running on it are safe."""
         copy = ItemIndex(
-            faiss.clone_index(self.faiss_index), normalize=self.normalize, index_type=self.index_type, params=self.params
+            faiss.clone_index(large.merged_index(self.faiss_index)), normalize=self.normalize, index_type=self.index_type,
+            params=self.params, factory=self.factory,
         )
         copy.add(item_embeddings)
         return copy
@@ -387,6 +431,8 @@ class ItemIndex:
         exclusion as leaving the history out inside FAISS would (measured), and a longer history costs only a
         longer result list.
         """
+        if self.num_shards > 1 or self.index_type == "factory":
+            return self._search_rows_large(queries, fetch_k, allowed_rows)
         if self.index_type != "flat" and allowed_rows is not None and len(allowed_rows) <= EXACT_FILTER_MAX_ITEMS:
             return self._exact_rows(queries, fetch_k, allowed_rows)
         selector = None if allowed_rows is None else faiss.IDSelectorBatch(allowed_rows)
@@ -407,6 +453,22 @@ class ItemIndex:
             scores[short], rows[short] = self._exact_rows(queries[short], fetch_k, every_row)
         return scores, rows
 
+    def _search_rows_large(
+        self, queries: np.ndarray, fetch_k: int, allowed_rows: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Factory and sharded indexes: one plain search; a filter scores the allowed items' stored (PQ) vectors."""
+        if allowed_rows is not None:
+            if self.num_shards > 1:
+                raise ValueError(
+                    "A sharded index cannot search a subset of items (`allowed`); build it unsharded (num_shards=1) to filter."
+                )
+            return self._exact_rows(queries, fetch_k, allowed_rows)
+        scores, rows = self.faiss_index.search(queries, fetch_k)
+        short = (rows < 0).any(axis=1)
+        if short.any() and self.num_shards == 1:  # too few lists probed for k + history: score those queries exactly
+            scores[short], rows[short] = self._exact_rows(queries[short], fetch_k, np.arange(self.num_items, dtype=np.int64))
+        return scores, rows
+
     def _exact_rows(self, queries: np.ndarray, fetch_k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact top `fetch_k` among the stored vectors of `rows` (fetch_k <= len(rows))."""
         vectors = self.faiss_index.reconstruct_batch(rows)
@@ -420,21 +482,25 @@ class ItemIndex:
         """Stored (possibly normalised) vectors, row r = item index r+1; for checks and tests."""
         if self.num_items == 0:
             return np.empty((0, self.dim), dtype=np.float32)
-        return self.faiss_index.reconstruct_n(0, self.num_items)
+        return large.merged_index(self.faiss_index).reconstruct_n(0, self.num_items)
 
     def save(self, path: str | Path) -> None:
         """Write the FAISS file and its metadata sidecar, each atomically, so a crash never leaves a torn index."""
         path = Path(path)
-        with atomic_write(path) as temporary:
-            faiss.write_index(self.faiss_index, str(temporary))
+        with atomic_write(path) as temporary:  # shards are written merged: FAISS cannot serialise IndexShards
+            faiss.write_index(large.merged_index(self.faiss_index), str(temporary))
         meta: dict[str, Any] = {
             "format_version": FLAT_FORMAT_VERSION if self.index_type == "flat" else FORMAT_VERSION,
             "normalize": self.normalize,
             "dim": self.dim,
             "num_items": self.num_items,
         }
-        if self.index_type != "flat":
-            meta.update(index_type=self.index_type, params=self.params)
+        if self.index_type != "flat" or self.num_shards > 1:
+            meta.update(format_version=FORMAT_VERSION, index_type=self.index_type, params=self.params)
+        if self.factory is not None:
+            meta["factory"] = self.factory
+        if self.num_shards > 1:
+            meta["num_shards"] = self.num_shards
         write_json_atomic(sidecar_path(path), meta)
         logger.debug("Saved %r to %s", self, path)
 
@@ -463,10 +529,16 @@ class ItemIndex:
         except Exception as error:  # FAISS reports corrupt files as RuntimeError with C++ details
             raise ModelFolderError(f"Item index file {path} is corrupt or unreadable: {error}") from error
         try:
-            stored_type = _index_type_of(faiss_index)
-            if stored_type != index_type:
-                raise ValueError(f"the file holds a {stored_type} index but the metadata says {index_type}")
-            item_index = cls(faiss_index, normalize=normalize, index_type=index_type, params=params)
+            factory = meta.get("factory")
+            if index_type == "factory":
+                if not isinstance(factory, str):
+                    raise ValueError(f"field 'factory' is {factory!r}, not the factory string")
+            else:
+                stored_type = _index_type_of(faiss_index)
+                if stored_type != index_type:
+                    raise ValueError(f"the file holds a {stored_type} index but the metadata says {index_type}")
+            item_index = cls(faiss_index, normalize=normalize, index_type=index_type, params=params, factory=factory)
+            item_index.saved_num_shards = int(meta.get("num_shards", 1))
             resolve_index_params(index_type, {name: value for name, value in params.items()})
         except ValueError as error:
             raise ModelFolderError(f"Item index {path} does not match {meta_path} ({error}); re-save the index.") from error
@@ -479,4 +551,6 @@ class ItemIndex:
 
     def __repr__(self) -> str:
         params = "".join(f", {name}={value}" for name, value in self.params.items())
+        params += f", factory={self.factory!r}" if self.factory else ""
+        params += f", num_shards={self.num_shards}" if self.num_shards > 1 else ""
         return f"ItemIndex({self.index_type}, num_items={self.num_items}, dim={self.dim}, normalize={self.normalize}{params})"

@@ -134,7 +134,7 @@ def run_finetune(
     tokenized_items = tokenize_item_texts(tokenizer, split.item_texts, config.model.max_text_length)
     encode_catalogue(
         model, tokenized_items, settings.encode_batch_size, show_progress=accelerator.is_local_main_process,
-        precision="bf16" if settings.mixed_precision == "bf16" else "fp32",
+        precision="bf16" if settings.mixed_precision == "bf16" else "fp32", accelerator=accelerator,
     )
     if config.lora is not None:
         add_lora(model, config)
@@ -172,7 +172,7 @@ def run_finetune(
         results[split_name] = {
             name: evaluate_ranking(
                 score_fn, examples.histories, examples.targets, split.num_items, ks=config.evaluation.ks,
-                batch_size=config.evaluation.batch_size, desc=f"{split_name} {name}",
+                batch_size=config.evaluation.batch_size, desc=f"{split_name} {name}", accelerator=accelerator,
             )
             for name, score_fn in scorers.items()
         }

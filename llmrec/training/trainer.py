@@ -418,6 +418,7 @@ class LlmRecTrainer:
                 self.accelerator.unwrap_model(self.model), self.tokenized_items, self.config.training.encode_batch_size,
                 show_progress=self.accelerator.is_local_main_process,
                 precision="bf16" if self.config.training.mixed_precision == "bf16" else "fp32",
+                accelerator=self.accelerator,
             )
 
     # ----- stage 2 -----------------------------------------------------------------------------------
@@ -743,6 +744,7 @@ class LlmRecTrainer:
         return evaluate_ranking(
             self.dense_retrieval_scores(), valid.histories, valid.targets, self.split.num_items,
             ks=self.config.evaluation.ks, batch_size=self.config.evaluation.batch_size, desc="valid retrieval",
+            accelerator=self.accelerator,
         )
 
     def evaluate_rerank_valid(self) -> dict[str, float]:
@@ -751,7 +753,7 @@ class LlmRecTrainer:
         return evaluate_ranking(
             rerank_score_function(self.candidate_pipeline(), self.split.num_items), valid.histories, valid.targets,
             self.split.num_items, ks=self.config.evaluation.ks, batch_size=self.config.evaluation.batch_size,
-            desc="valid rerank",
+            desc="valid rerank", accelerator=self.accelerator,
         )
 
 

@@ -1,0 +1,161 @@
+"""FAISS indexes for catalogues beyond memory: factory strings (IVF-PQ, OPQ) and shards.
+
+A factory index (`faiss.index_factory`, e.g. ``IVF4096,PQ16`` or ``OPQ16,IVF4096,PQ16``) is trained on a
+random sample of the catalogue and filled in chunks, so the embeddings may be a memory-mapped array: only
+the sample and one chunk are ever copied (normalised) into memory. Shards (`faiss.IndexShards`) hold
+consecutive item ranges in separate indexes that share one trained template; FAISS searches each and
+merges their top-k exactly, so a sharded flat index answers as the unsharded one does, and a sharded IVF
+index (one coarse quantizer) as the merged IVF index.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import faiss
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRAIN_SIZE = 262_144  # 64 training points per list at IVF4096, FAISS's upper bound for k-means
+DEFAULT_CHUNK_SIZE = 65_536
+
+
+def _normalised_rows(embeddings: np.ndarray, start: int, stop: int, normalize: bool) -> np.ndarray:
+    chunk = np.array(embeddings[start:stop], dtype=np.float32, order="C", copy=True)
+    if not np.isfinite(chunk).all():
+        raise ValueError(f"item_embeddings rows {start}-{stop - 1} contain NaN or infinite values; fix them before indexing.")
+    if normalize:
+        faiss.normalize_L2(chunk)
+    return chunk
+
+
+def empty_factory_index(description: str, dim: int) -> faiss.Index:
+    """An untrained inner-product index of `description`, or ValueError naming the string and FAISS's reason."""
+    if not isinstance(description, str) or not description.strip():
+        raise ValueError(f"retrieval.index_factory must be a FAISS factory string such as 'IVF4096,PQ16'; got {description!r}.")
+    try:
+        return faiss.index_factory(int(dim), description.strip(), faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        reason = str(error).split("failed:")[-1].split(": ")[-1].strip()[:200]
+        raise ValueError(
+            f"FAISS cannot build the index factory string {description!r} for {dim}-d vectors ({reason}). "
+            "Use a string like 'IVF4096,PQ16' or 'OPQ16,IVF4096,PQ16' (PQ/OPQ sub-quantizers must divide the "
+            "dimension); see the FAISS wiki page 'The index factory'."
+        ) from None
+
+
+def train_factory_index(
+    template: faiss.Index, embeddings: np.ndarray, normalize: bool, train_size: int = DEFAULT_TRAIN_SIZE, seed: int = 0
+) -> None:
+    """Train `template` on up to `train_size` rows drawn at random (sorted, so a memory map reads forward)."""
+    if template.is_trained:
+        return
+    num_items = len(embeddings)
+    if num_items == 0:
+        raise ValueError("A factory index is trained on the catalogue and cannot be built from zero items; use index_type 'flat'.")
+    rows = np.sort(np.random.default_rng(seed).choice(num_items, size=min(train_size, num_items), replace=False))
+    sample = np.array(embeddings[rows], dtype=np.float32, order="C", copy=True)
+    if normalize:
+        faiss.normalize_L2(sample)
+    ivf = _ivf_of(template)
+    if ivf is not None and ivf.nlist > len(sample):
+        raise ValueError(
+            f"The factory index has {ivf.nlist} IVF lists but only {len(sample)} items to train them on; use "
+            "fewer lists (IVFn with n at most the catalogue size, ideally 39 items or more per list)."
+        )
+    template.train(sample)
+
+
+def fill_index(index: faiss.Index, embeddings: np.ndarray, start: int, stop: int, normalize: bool, chunk_size: int) -> None:
+    """Add rows [start, stop) of `embeddings` in chunks of `chunk_size`."""
+    for chunk_start in range(start, stop, chunk_size):
+        index.add(_normalised_rows(embeddings, chunk_start, min(chunk_start + chunk_size, stop), normalize))
+
+
+def build_faiss_index(
+    embeddings: np.ndarray,
+    template: faiss.Index,
+    normalize: bool,
+    num_shards: int = 1,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> faiss.Index:
+    """`template` (trained) filled with every row; with `num_shards` > 1 an `IndexShards` of consecutive ranges."""
+    if num_shards < 1 or int(num_shards) != num_shards:
+        raise ValueError(f"num_shards must be a positive integer; got {num_shards!r}.")
+    num_items = len(embeddings)
+    if num_shards == 1:
+        index = faiss.clone_index(template)
+        fill_index(index, embeddings, 0, num_items, normalize, chunk_size)
+        return index
+    if num_shards > max(num_items, 1):
+        raise ValueError(f"num_shards={num_shards} is more than the {num_items} items to shard; use fewer shards.")
+    shards = faiss.IndexShards(template.d, False, True)  # successive_ids: shard s's row r is item offset_s + r
+    bounds = np.linspace(0, num_items, num_shards + 1).astype(np.int64)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        shard = faiss.clone_index(template)
+        fill_index(shard, embeddings, int(start), int(stop), normalize, chunk_size)
+        shards.add_shard(shard)  # FAISS's Python wrapper keeps a reference, so the shard lives with `shards`
+    return shards
+
+
+def shards_of(index: faiss.Index) -> Optional[list[faiss.Index]]:
+    """The sub-indexes of an `IndexShards`, else None."""
+    if not isinstance(index, faiss.IndexShards):
+        return None
+    return [index.at(position) for position in range(index.count())]
+
+
+def merged_index(index: faiss.Index) -> faiss.Index:
+    """One index equal to `index` for searching: shards merged in order (what is written to disk)."""
+    shards = shards_of(index)
+    if shards is None:
+        return index
+    merged = faiss.clone_index(shards[0])
+    for shard in shards[1:]:
+        if isinstance(faiss.downcast_index(merged), faiss.IndexFlat):
+            merged.add(shard.reconstruct_n(0, shard.ntotal))
+        else:
+            _merge_ivf(merged, shard)
+    return merged
+
+
+def _merge_ivf(target: faiss.Index, source: faiss.Index) -> None:
+    # merge_from moves the source's lists, so a clone is merged and the shard keeps its items.
+    source_copy = faiss.clone_index(source)  # held here: the extracted IVF below points into it
+    target_ivf, source_ivf = _ivf_of(target), _ivf_of(source_copy)
+    if target_ivf is None or source_ivf is None:
+        raise ValueError(f"Cannot merge shards of {type(faiss.downcast_index(target)).__name__}; only flat and IVF shards merge.")
+    if target_ivf.direct_map.type != faiss.DirectMap.NoMap:
+        target_ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+    target_ivf.merge_from(source_ivf, target_ivf.ntotal)
+    target.ntotal = target_ivf.ntotal
+
+
+def _ivf_of(index: faiss.Index) -> Optional[faiss.IndexIVF]:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Lists scanned per query of every IVF inside `index` (through a pre-transform such as OPQ, and in each shard)."""
+    for part in shards_of(index) or [index]:
+        ivf = _ivf_of(part)
+        if ivf is not None:
+            ivf.nprobe = min(int(nprobe), int(ivf.nlist))
+
+
+def make_direct_map(index: faiss.Index) -> None:
+    """Let an unsharded IVF index reconstruct stored vectors by id (exact fallbacks, filters)."""
+    ivf = _ivf_of(index)
+    if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+        ivf.make_direct_map()
+
+
+def bytes_per_vector(index: faiss.Index) -> float:
+    """Serialized size over the item count (codes, ids, lists and quantizers), what a saved folder pays per item."""
+    index = merged_index(index)
+    return len(faiss.serialize_index(index)) / max(1, index.ntotal)

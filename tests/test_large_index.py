@@ -1,0 +1,100 @@
+"""Indexes beyond memory: FAISS factory strings, shards merged exactly, and their save/load round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llmrec.config import RetrievalSettings
+from llmrec.errors import ConfigError
+from llmrec.retrieval import ItemIndex
+from llmrec.retrieval.factory import bytes_per_vector
+
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def vectors() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((3000, DIM)).astype(np.float32), rng.standard_normal((25, DIM)).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_shards", [2, 3, 7])
+def test_sharded_flat_equals_unsharded_flat(vectors, num_shards):
+    items, queries = vectors
+    history = [[1, 2, 3, 1500 + row] for row in range(len(queries))]
+    exact = ItemIndex.build(items).search(queries, 100, exclude=history)
+    sharded_index = ItemIndex.build(items, num_shards=num_shards)
+    assert sharded_index.num_shards == num_shards and sharded_index.num_items == len(items)
+    sharded = sharded_index.search(queries, 100, exclude=history)
+    np.testing.assert_array_equal(sharded[1], exact[1])
+    np.testing.assert_allclose(sharded[0], exact[0], atol=1e-6)
+
+
+def test_factory_index_finds_most_of_the_exact_top_k_in_few_bytes(vectors):
+    items, queries = vectors
+    exact = ItemIndex.build(items).search(queries, 20)[1]
+    index = ItemIndex.build(items, index_type="factory", factory="IVF16,PQ8x4", nprobe=16)  # nprobe = nlist: only PQ error
+    found = index.search(queries, 20)[1]
+    recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(exact, found)])
+    assert recall > 0.5
+    assert bytes_per_vector(index.faiss_index) < 4 * DIM / 2  # 4 code bytes + 8 id bytes per item vs 64 for flat
+
+
+@pytest.mark.parametrize("description,num_shards", [("IVF16,PQ8x4", 1), ("OPQ4,IVF16,PQ4x4", 2), ("IVF16,Flat", 3)])
+def test_factory_and_sharded_indexes_reload_from_their_folder(tmp_path, vectors, description, num_shards):
+    items, queries = vectors
+    index = ItemIndex.build(items, index_type="factory", factory=description, nprobe=4, num_shards=num_shards)
+    index.save(tmp_path / "item_index.faiss")
+    meta = json.loads((tmp_path / "item_index.faiss.json").read_text())
+    assert meta["factory"] == description and meta["params"]["nprobe"] == 4
+    loaded = ItemIndex.load(tmp_path / "item_index.faiss")
+    assert (loaded.index_type, loaded.factory, loaded.params["nprobe"], loaded.num_items) == ("factory", description, 4, len(items))
+    before, after = index.search(queries, 30), loaded.search(queries, 30)
+    np.testing.assert_allclose(after[0], before[0], atol=1e-5)
+    assert np.mean(after[1] == before[1]) > 0.95  # PQ scores tie; equal scores may swap places
+
+
+def test_sharded_flat_round_trip_keeps_results(tmp_path, vectors):
+    items, queries = vectors
+    index = ItemIndex.build(items, num_shards=3)
+    index.save(tmp_path / "index.faiss")
+    loaded = ItemIndex.load(tmp_path / "index.faiss")
+    np.testing.assert_array_equal(loaded.search(queries, 50)[1], index.search(queries, 50)[1])
+
+
+def test_factory_filter_and_sharded_filter(vectors):
+    items, queries = vectors
+    allowed = np.arange(1, 200)
+    unsharded = ItemIndex.build(items, index_type="factory", factory="IVF16,PQ8x4")
+    assert np.isin(unsharded.search(queries, 10, allowed=allowed)[1], allowed).all()
+    sharded = ItemIndex.build(items, index_type="factory", factory="IVF16,PQ8x4", num_shards=2)
+    with pytest.raises(ValueError, match="sharded index cannot search a subset"):
+        sharded.search(queries, 10, allowed=allowed)
+    with pytest.raises(ValueError, match="cannot be added to a sharded index"):
+        sharded.add(items[:2])
+
+
+@pytest.mark.parametrize("description,message", [
+    ("IVF16,PQ5", "must divide"), ("IVFx", "could not parse"), ("", "factory string such as"),
+])
+def test_invalid_factory_strings_name_the_problem(vectors, description, message):
+    with pytest.raises(ValueError, match=message):
+        ItemIndex.build(vectors[0], index_type="factory", factory=description)
+
+
+def test_too_many_lists_for_the_catalogue(vectors):
+    with pytest.raises(ValueError, match="IVF lists but only 300 items"):
+        ItemIndex.build(vectors[0][:300], index_type="factory", factory="IVF1024,PQ8")
+
+
+def test_config_fields_go_together():
+    settings = RetrievalSettings(index_type="factory", index_factory="IVF64,PQ8", ivf_nprobe=8, index_shards=2)
+    settings.validate()
+    assert settings.index_params() == {"factory": "IVF64,PQ8", "nprobe": 8, "num_shards": 2}
+    for broken in (RetrievalSettings(index_type="factory"), RetrievalSettings(index_factory="IVF64,PQ8"),
+                   RetrievalSettings(index_shards=0), RetrievalSettings(index_type="hnsw", index_shards=2)):
+        with pytest.raises(ConfigError, match="retrieval.index"):
+            broken.validate()
