@@ -55,7 +55,8 @@ def test_new_items_reserves_slots_for_the_best_new_items_and_flags_them(with_new
     one = with_new_items.recommend(history, k=10, new_items=1)
     assert sum(item.reserved for item in one) == 1
     batch = with_new_items.recommend_batch([history, _fan_history(0)], k=10, new_items=2)
-    assert batch[0] == reserved
+    assert [(item[0], item.reserved) for item in batch[0]] == [(item[0], item.reserved) for item in reserved]
+    assert [score for _, score in batch[0]] == pytest.approx([score for _, score in reserved], rel=1e-5)
 
 
 @pytest.mark.parametrize("bad", [-1, 11, 1.5, True, "2"])
