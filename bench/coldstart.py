@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--cold-item-fraction", type=float, default=0.15)
     parser.add_argument("--cold-item-selection", default="random", choices=["random", "newest"])
     parser.add_argument("--id-dropout", type=float, default=None, help="Override model.id_dropout of the hybrid.")
+    parser.add_argument("--id-residual-max-ratio", type=float, default=None,
+                        help="Override model.id_residual_max_ratio of the hybrid (ID part bounded by the text part).")
+    parser.add_argument("--seed", type=int, default=None, help="Override training.seed (the newest-items split does not depend on it).")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--ablation", action="store_true",
                         help="Also train the hybrid with items unseen in training kept in the softmax as negatives.")
@@ -95,7 +98,7 @@ def run_cold_items(args: argparse.Namespace) -> None:
         "data": {"split": "cold_items", "cold_item_fraction": args.cold_item_fraction,
                  "cold_item_selection": args.cold_item_selection},
         "training": {"retrieval_epochs": args.retrieval_epochs, "rerank_epochs": args.rerank_epochs,
-                     "cpu_threads": args.threads},
+                     "cpu_threads": args.threads, **({"seed": args.seed} if args.seed is not None else {})},
     }
     config = load_config(args.config, base_overrides)
     data = load_interaction_data(config.data)
@@ -128,6 +131,8 @@ def run_cold_items(args: argparse.Namespace) -> None:
         model_overrides = dict(system_overrides)
         if name.startswith("hybrid") and args.id_dropout is not None:
             model_overrides["id_dropout"] = args.id_dropout
+        if name.startswith("hybrid") and args.id_residual_max_ratio is not None:
+            model_overrides["id_residual_max_ratio"] = args.id_residual_max_ratio
         run_dir = Path(args.work_dir) / re.sub(r"\W+", "_", name.lower())
         overrides = {**base_overrides, "output_dir": str(run_dir), "model": model_overrides}
         system_start = time.perf_counter()
@@ -152,12 +157,15 @@ def run_cold_items(args: argparse.Namespace) -> None:
     results["run"] = {
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or 'unknown model'}), "
                    f"torch {torch.__version__}, {args.threads} thread(s)",
+        "load_average": os.getloadavg(),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "command": "python bench/coldstart.py " + " ".join(
             f"--{key.replace('_', '-')} {value}" for key, value in [
                 ("retrieval_epochs", args.retrieval_epochs), ("rerank_epochs", args.rerank_epochs),
                 ("cold_item_fraction", args.cold_item_fraction), ("cold_item_selection", args.cold_item_selection)]
         ) + (f" --id-dropout {args.id_dropout}" if args.id_dropout is not None else "")
+          + (f" --id-residual-max-ratio {args.id_residual_max_ratio}" if args.id_residual_max_ratio is not None else "")
+          + (f" --seed {args.seed}" if args.seed is not None else "")
           + (" --ablation" if args.ablation else ""),
     }
     output = Path(args.output)

@@ -73,7 +73,9 @@ def _print_json(obj: Any) -> None:
 
 
 def _ranked_records(ranked: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
-    return [{"item_id": item_id, "score": score} for item_id, score in ranked]
+    """One record per item; `"reserved": true/false` too when slots were held for new items (`--new-items`)."""
+    return [{"item_id": item[0], "score": item[1], **({"reserved": item.reserved} if hasattr(item, "reserved") else {})}
+            for item in ranked]
 
 
 def _print_ranked(recommender: "Recommender", ranked: Sequence[tuple[str, float]], as_json: bool) -> None:
@@ -125,6 +127,7 @@ def _recommend_options(arguments: argparse.Namespace) -> dict[str, Any]:
         "exclude": arguments.exclude,
         "filter": arguments.only,  # an allowed set of ids
         "exclude_history": not arguments.include_history,
+        "new_items": arguments.new_items,
     }
 
 
@@ -525,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--exclude", nargs="+", metavar="ID", help="Never recommend these items.")
     recommend.add_argument("--only", nargs="+", metavar="ID", help="Recommend only among these items.")
     recommend.add_argument("--include-history", action="store_true", help="Allow items already in the history.")
+    recommend.add_argument("--new-items", type=int, default=0, metavar="N",
+                           help="Hold up to N of the k slots for the best items without a trained ID embedding (added "
+                           "with add_items); the JSON output marks them \"reserved\": true (default 0: none held).")
     recommend.add_argument("--output", metavar="FILE.jsonl", help="With --histories-file: write here instead of stdout.")
     recommend.add_argument("--batch-size", type=_positive_int, default=256, help="Users per batch (default 256).")
 

@@ -211,6 +211,12 @@ class ModelSettings:
     id_dropout: float = field(
         default=0.1, metadata={"help": "Probability of dropping an item's ID embedding during training."}
     )
+    id_residual_max_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Bound on a warm item's ID embedding norm relative to its projected text (e.g. 0.5: "
+                  "the ID part is at most half as long), so the text direction dominates warm vectors as it "
+                  "does the text-only vectors of new items; 0 = unbounded (the hybrid of earlier releases)."},
+    )
     use_text_embeddings: bool = field(
         default=True,
         metadata={"help": "Represent items by their projected text embedding; false = ID-only model (items "
@@ -242,6 +248,8 @@ class ModelSettings:
         for name in ("dropout", "id_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}.")
+        if not self.id_residual_max_ratio >= 0.0:
+            raise ConfigError(f"model.id_residual_max_ratio must be >= 0 (0 = unbounded), got {self.id_residual_max_ratio}.")
         if not (self.use_text_embeddings or self.use_id_embeddings):
             raise ConfigError("model.use_text_embeddings and model.use_id_embeddings are both false; an item needs "
                               "at least one representation.")

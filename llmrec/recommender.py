@@ -50,6 +50,22 @@ _LEGACY_OUTPUTS = frozenset(
      "special_tokens_map.json", "vocab.txt", "added_tokens.json", "chat_template.jinja"}
 )
 
+
+
+class RankedItem(tuple):
+    """One (item_id, score) answer, flagged `reserved` when it fills a slot held for new items (`new_items`).
+
+    A tuple subclass so that `for item_id, score in answer` and comparisons with plain tuples work as before.
+    """
+
+    reserved: bool
+
+    def __new__(cls, item_id: str, score: float, reserved: bool = False) -> "RankedItem":
+        item = super().__new__(cls, (item_id, score))
+        item.reserved = reserved
+        return item
+
+
 RankedItems = list[tuple[str, float]]
 ItemFilter = Union[Callable[[str], bool], Iterable[str]]
 
@@ -464,6 +480,7 @@ class Recommender:
         filter: Optional[ItemFilter] = None,
         exclude_history: bool = True,
         profile: Optional[str] = None,
+        new_items: int = 0,
     ) -> RankedItems:
         """The `k` best items for one history (item ids, oldest first) as (item_id, score), best first.
 
@@ -480,10 +497,15 @@ class Recommender:
         the same BERT as the items, for models with a profile path (`use_user_profiles`). A user with a
         profile is recommended for by the model even with an empty history (a cold user); an empty history
         without a profile gets the most popular eligible items, scored by their training popularity.
+
+        `new_items=n` reserves up to n of the k slots for the best-scoring items without a trained ID
+        embedding (those added with `add_items`, or never interacted with in training): new items already
+        in the top k count towards n, the rest replace the last slots, in their score order. Every answer is
+        then a `RankedItem` whose `reserved` flag marks those items. n=0 (the default) is the plain ranking.
         """
         return self.recommend_batch(
             [history], k, exclude=exclude, filter=filter, exclude_history=exclude_history,
-            profiles=None if profile is None else [profile],
+            profiles=None if profile is None else [profile], new_items=new_items,
         )[0]
 
     def recommend_batch(
@@ -495,12 +517,14 @@ class Recommender:
         filter: Optional[ItemFilter] = None,
         exclude_history: bool = True,
         profiles: Optional[Sequence[Optional[str]]] = None,
+        new_items: int = 0,
     ) -> list[RankedItems]:
         """`recommend` for many histories at once: one FAISS search and one reranker call per batch.
 
-        `profiles`, if given, holds one profile text (or None) per history.
+        `profiles`, if given, holds one profile text (or None) per history; `new_items` as in `recommend`.
         """
         k = check_k(k, self.max_k)
+        new_items = _check_new_items(new_items, k)
         exclude_history = check_flag(exclude_history, "exclude_history")
         state = self._state  # read once: an add_items meanwhile publishes a new state, never changes this one
         histories = check_rows(histories, "recommend_batch's histories")
@@ -520,7 +544,34 @@ class Recommender:
             never = [(set(history) if exclude_history else set()) | excluded for history in warm_histories]
             for row, ranked in zip(warm, self._retrieve_and_rerank(state, warm_histories, [profiles[row] for row in warm], never, allowed, k)):
                 results[row] = ranked
+        if new_items:
+            self._reserve_new_items(state, index_histories, profiles, exclude_history, excluded, allowed, results, new_items)
         return results
+
+    def _reserve_new_items(
+        self, state: ServingState, histories: list[list[int]], profiles: list[Optional[str]], exclude_history: bool,
+        excluded: set[int], allowed: Optional[np.ndarray], results: list, new_items: int,
+    ) -> None:
+        """Put up to `new_items` of the best new items (no trained ID row) into each answer's last slots, flagged."""
+        warm_items = self.model.warm_items[1 : state.num_items + 1].cpu().numpy()
+        fresh = np.flatnonzero(~warm_items) + 1
+        if allowed is not None:
+            fresh = np.intersect1d(fresh, allowed)
+        fresh_ids = {state.item_ids[index - 1] for index in fresh.tolist()}
+        best_fresh: list[RankedItems] = [[] for _ in histories]
+        if len(fresh):
+            never = [(set(history) if exclude_history else set()) | excluded for history in histories]
+            # The new items ranked among themselves by the same retrieval + head as the full ranking.
+            rows = [row for row, history in enumerate(histories) if history or profiles[row] is not None]
+            if rows:
+                ranked = self._retrieve_and_rerank(
+                    state, [histories[row] for row in rows], [profiles[row] for row in rows], [never[row] for row in rows],
+                    fresh, new_items,
+                )
+                for row, answer in zip(rows, ranked):
+                    best_fresh[row] = answer
+        for row, answer in enumerate(results):
+            results[row] = _with_reserved_slots(answer, best_fresh[row], fresh_ids, new_items)
 
     def _retrieve_and_rerank(
         self, state: ServingState, histories: list[list[int]], profiles: list[Optional[str]], never: list[set[int]],
@@ -634,6 +685,40 @@ class Recommender:
             return [(str(item), weights[:, column].tolist()) for column, item in enumerate(recent)]
         mean = weights.mean(dim=0)
         return [(str(item), float(mean[column])) for column, item in enumerate(recent)]
+
+
+def _check_new_items(new_items: Any, k: int) -> int:
+    if isinstance(new_items, bool) or not isinstance(new_items, (int, np.integer)):
+        raise InvalidRequestError(f"new_items must be an integer from 0 to k ({k}), got {new_items!r}.")
+    if not 0 <= new_items <= k:
+        raise InvalidRequestError(
+            f"new_items={new_items} is outside 0..k ({k}); it is how many of the k slots are held for new items."
+        )
+    return int(new_items)
+
+
+def _with_reserved_slots(answer: RankedItems, best_fresh: RankedItems, fresh_ids: set[str], new_items: int) -> list[RankedItem]:
+    """`answer` with its last non-new slots given to the best new items missing from it, up to `new_items` new ones.
+
+    The first `new_items` new items (those ranked in on their own first) are flagged `reserved`.
+    """
+    in_answer = {item_id for item_id, _ in answer}
+    present = sum(item_id in fresh_ids for item_id in in_answer)
+    replaceable = len(answer) - present
+    to_add = [item for item in best_fresh if item[0] not in in_answer][: min(max(0, new_items - present), replaceable)]
+    kept, drop = list(answer), len(to_add)
+    for position in reversed(range(len(kept))):
+        if drop == 0:
+            break
+        if kept[position][0] not in fresh_ids:
+            del kept[position]
+            drop -= 1
+    flagged, marked = [], 0
+    for item_id, score in kept + to_add:
+        reserved = item_id in fresh_ids and marked < new_items
+        marked += reserved
+        flagged.append(RankedItem(item_id, score, reserved))
+    return flagged
 
 
 def _undo_growth(model: LlmRecModel) -> Callable[[], None]:

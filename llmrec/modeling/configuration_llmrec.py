@@ -46,6 +46,9 @@ def _validate(**values: Any) -> None:
     for name in _FLAGS:
         if not isinstance(values[name], bool):
             raise ConfigError(f"{name} must be true or false, got {values[name]!r}.")
+    ratio = values["id_residual_max_ratio"]
+    if not isinstance(ratio, Real) or isinstance(ratio, bool) or not (math.isfinite(ratio) and ratio >= 0):
+        raise ConfigError(f"id_residual_max_ratio must be a number >= 0 (0 = unbounded), got {ratio!r}.")
     temperature = values["similarity_temperature"]
     if not isinstance(temperature, Real) or isinstance(temperature, bool) or not (math.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"similarity_temperature must be a positive number, got {temperature!r}.")
@@ -105,6 +108,7 @@ class LlmRecConfig(PretrainedConfig):
         dropout: float = 0.3,
         use_id_embeddings: bool = True,
         id_dropout: float = 0.1,
+        id_residual_max_ratio: float = 0.0,
         use_text_embeddings: bool = True,
         use_user_profiles: bool = False,
         exclude_unseen_items_from_loss: bool = True,
@@ -120,7 +124,8 @@ class LlmRecConfig(PretrainedConfig):
             max_text_length=max_text_length, num_items=num_items, hidden_size=hidden_size,
             max_history_length=max_history_length, history_summary=history_summary, user_num_layers=user_num_layers,
             user_num_heads=user_num_heads, rerank_num_heads=rerank_num_heads, dropout=dropout,
-            use_id_embeddings=use_id_embeddings, id_dropout=id_dropout, use_text_embeddings=use_text_embeddings,
+            use_id_embeddings=use_id_embeddings, id_dropout=id_dropout,
+            id_residual_max_ratio=id_residual_max_ratio, use_text_embeddings=use_text_embeddings,
             use_user_profiles=use_user_profiles, exclude_unseen_items_from_loss=exclude_unseen_items_from_loss,
             similarity_temperature=similarity_temperature, num_candidates=num_candidates,
             encoder_weights=encoder_weights, format_version=format_version,
@@ -139,6 +144,7 @@ class LlmRecConfig(PretrainedConfig):
         self.dropout = dropout
         self.use_id_embeddings = use_id_embeddings
         self.id_dropout = id_dropout
+        self.id_residual_max_ratio = id_residual_max_ratio
         self.use_text_embeddings = use_text_embeddings
         self.use_user_profiles = use_user_profiles
         self.exclude_unseen_items_from_loss = exclude_unseen_items_from_loss

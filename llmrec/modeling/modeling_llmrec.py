@@ -741,6 +741,12 @@ class LlmRecModel(LlmRecPreTrainedModel):
             if self.training and self.config.id_dropout > 0:
                 keep = keep * (torch.rand_like(keep) >= self.config.id_dropout).to(keep.dtype)
             id_rows = self.item_id_embeddings.weight if every_item else self.item_id_embeddings(rows)
+            ratio = self.config.id_residual_max_ratio
+            if ratio > 0:
+                # A residual bounded by the text part keeps a warm vector's direction near its text's, the
+                # only direction a new item has, so both are scored on one scale (bench/coldstart.py).
+                bound = ratio * representations.norm(dim=-1, keepdim=True)
+                id_rows = id_rows * torch.clamp(bound / id_rows.norm(dim=-1, keepdim=True).clamp_min(1e-12), max=1.0)
             representations = representations + id_rows * keep
         return representations.masked_fill((rows == 0).unsqueeze(-1), 0.0)
 

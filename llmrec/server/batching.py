@@ -29,9 +29,11 @@ class RecommendOptions:
     exclude: Optional[tuple] = None
     filter: Optional[tuple] = None
     exclude_history: Any = True
+    new_items: Any = 0
 
     def keywords(self) -> dict[str, Any]:
-        return {"exclude": self.exclude, "filter": self.filter, "exclude_history": self.exclude_history}
+        return {"exclude": self.exclude, "filter": self.filter, "exclude_history": self.exclude_history,
+                "new_items": self.new_items}
 
 
 @dataclass

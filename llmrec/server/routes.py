@@ -50,7 +50,9 @@ def writer(request: Request) -> ServerContext:
 
 
 def _scored(ranked: list[tuple[str, float]]) -> list[dict[str, Any]]:
-    return [{"item_id": item_id, "score": score} for item_id, score in ranked]
+    """Items as records; `reserved` only on answers with slots held for new items (`new_items` > 0)."""
+    return [{"item_id": item[0], "score": item[1], **({"reserved": item.reserved} if hasattr(item, "reserved") else {})}
+            for item in ranked]
 
 
 def _options(body: Any, context: ServerContext) -> RecommendOptions:
@@ -59,7 +61,7 @@ def _options(body: Any, context: ServerContext) -> RecommendOptions:
         values = getattr(body, name)
         if values is not None:
             check_limit(len(values), limit, f"{name} list", "max_id_list_items")
-    return RecommendOptions(body.k, _hashable(body.exclude), _hashable(body.filter), body.exclude_history)
+    return RecommendOptions(body.k, _hashable(body.exclude), _hashable(body.filter), body.exclude_history, body.new_items)
 
 
 def _hashable(item_ids: Optional[list]) -> Optional[tuple]:
@@ -75,7 +77,7 @@ def _check_text(text: Optional[str], what: str, context: ServerContext) -> None:
 router = APIRouter(responses=ERRORS)
 
 
-@router.post("/recommend", response_model=RecommendResponse, tags=["serving"])
+@router.post("/recommend", response_model=RecommendResponse, response_model_exclude_none=True, tags=["serving"])
 async def recommend(body: RecommendRequest, context: ServerContext = Depends(reader)) -> dict:
     """The `k` best items for one history (micro-batched with concurrent requests of the same options)."""
     check_limit(len(body.history), context.settings.max_history_items, "history", "max_history_items")
@@ -90,7 +92,7 @@ async def recommend(body: RecommendRequest, context: ServerContext = Depends(rea
     return {"items": _scored(ranked)}
 
 
-@router.post("/recommend/batch", response_model=RecommendBatchResponse, tags=["serving"])
+@router.post("/recommend/batch", response_model=RecommendBatchResponse, response_model_exclude_none=True, tags=["serving"])
 async def recommend_batch(body: RecommendBatchRequest, context: ServerContext = Depends(reader)) -> dict:
     """`/recommend` for many users with shared options, in one call."""
     settings = context.settings

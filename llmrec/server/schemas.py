@@ -23,6 +23,8 @@ class _Options(_Body):
     exclude: Optional[list[ItemId]] = Field(None, description="Items never to return.")
     filter: Optional[list[ItemId]] = Field(None, description="Return only these items (a list of allowed ids).")
     exclude_history: StrictBool = Field(True, description="Leave out items of the history.")
+    new_items: StrictInt = Field(0, description="Hold up to this many of the k slots for the best items added after "
+                                 "training (no trained ID embedding); they come back with \"reserved\": true.")
 
 
 class RecommendRequest(_Options):
@@ -68,6 +70,7 @@ class SaveRequest(_Body):
 class ScoredItem(BaseModel):
     item_id: str
     score: float
+    reserved: Optional[bool] = Field(None, description="Only with new_items > 0: whether a slot held for new items holds it.")
 
 
 class RecommendResponse(BaseModel):
