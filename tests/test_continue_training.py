@@ -24,11 +24,16 @@ from llmrec.training import run_finetune
 REPO = Path(__file__).resolve().parents[1]
 NEW_ITEMS = [f"n{n}" for n in range(5)]
 NEW_USERS = [f"new-user-{n}" for n in range(10)]
+RETITLED = "movie number 99,g0"
 
 
 def write_grown_data(folder: Path) -> Path:
     """The planted data plus five new genre-1 items and ten new users who watch them after genre-1 items."""
     write_planted_data(folder)
+    items = (folder / "items.csv").read_text().splitlines()
+    assert items[1] == "i0,movie number 0,g0"
+    items[1] = f"i0,{RETITLED}"  # an old item whose text was corrected meanwhile
+    (folder / "items.csv").write_text("\n".join(items) + "\n")
     with open(folder / "items.csv", "a", newline="") as handle:
         writer = csv.writer(handle)
         for position, item_id in enumerate(NEW_ITEMS):
@@ -64,10 +69,14 @@ def test_continued_model_keeps_old_items_and_grows(continued_run):
     assert new.item_ids[:count] == old.item_ids and list(new.item_ids[count:]) == NEW_ITEMS
     assert results["init_from"] == {"folder": str(base_dir), "items_kept": count, "items_added": len(NEW_ITEMS)}
     old_model, new_model = old.model, new.model
-    # The ID table grew by the new items; old rows keep their shape, and the frozen encoder their text vectors.
+    # The ID table grew by the new items; old rows keep their shape, and the frozen encoder their text vectors,
+    # except i0's, whose text changed.
     assert new_model.item_id_embeddings.weight.shape == (count + 1 + len(NEW_ITEMS), old_model.config.hidden_size)
     assert new_model.item_text_embeddings.shape[1] == old_model.item_text_embeddings.shape[1]
-    torch.testing.assert_close(new_model.item_text_embeddings[: count + 1], old_model.item_text_embeddings)
+    torch.testing.assert_close(new_model.item_text_embeddings[2 : count + 1], old_model.item_text_embeddings[2:])
+    assert new.item_texts[0] == "movie number 99 genre g0" != old.item_texts[0]
+    torch.testing.assert_close(new_model.item_text_embeddings[1], embed_item_texts(new_model, new.tokenizer, [new.item_texts[0]])[0])
+    assert not torch.allclose(new_model.item_text_embeddings[1], old_model.item_text_embeddings[1])
     # New items got the text vectors of their texts; those with training interactions are warm (leave-one-out
     # keeps n3 and n4, every new user's last two, for valid and test), and the old items stay as they were.
     expected = embed_item_texts(new_model, new.tokenizer, list(new.item_texts[count:]))
@@ -101,6 +110,20 @@ def test_continued_folder_hot_reloads_into_a_server(continued_run):
         assert reloaded.status_code == 200, reloaded.text
         answer = client.post("/recommend", json={"history": ["i20"], "k": 2, "filter": NEW_ITEMS})
         assert answer.status_code == 200 and {item["item_id"] for item in answer.json()["items"]} <= set(NEW_ITEMS)
+
+
+def test_align_catalogue_keeps_the_saved_order_and_appends_new_items():
+    import datasets
+
+    from llmrec.data import InteractionData
+    from llmrec.training.continuation import align_catalogue
+
+    interactions = datasets.Dataset.from_dict({"user_id": ["u"], "item_id": ["d"], "timestamp": [1.0]})
+    items = datasets.Dataset.from_dict({"item_id": ["c", "d", "a"], "text": ["C", "D", "A new"]})
+    aligned = align_catalogue(InteractionData(interactions, items), ("a", "b", "c"), ("A", "B", "C"))
+    assert aligned.items["item_id"] == ["a", "b", "c", "d"]
+    assert aligned.items["text"] == ["A new", "B", "C", "D"]  # b is not in the data: it keeps the model's text
+    assert aligned.interactions is interactions
 
 
 # ----- bad folders and mismatched settings ------------------------------------------------------------------
