@@ -18,7 +18,8 @@ data and are judged on the same test set: each of the 943 users' last interactio
 process's user + system time) and the load average around each run are recorded; the machine is shared,
 so CPU seconds are the figure to compare.
 
-    python bench/continue_training.py              # ~40 min on 2 loaded cores
+    python bench/continue_training.py              # default epochs: over 40 min a run at load 6 on 2 cores
+    python bench/continue_training.py --retrieval_epochs 8 --rerank_epochs 2   # what the committed results ran
     python bench/continue_training.py --reuse      # keep finished runs (their eval_results.json) and go on
 
 Writes bench/results/continue_training.{json,md}; model folders and data go to runs/continue_training/.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -41,7 +43,7 @@ from common import RESULTS, ROOT, git_commit, load_average, machine, markdown_ta
 
 WORK = ROOT / "runs" / "continue_training"
 CUT = 0.9
-RUN_ORDER = ("base", "retrain", "continued", "stale")  # retrain before the two that read base's folder
+RUN_ORDER = ("base", "continued", "stale", "retrain")  # the report is rewritten after each run
 
 
 def write_data(folder: Path) -> dict[str, Any]:
@@ -95,8 +97,12 @@ def run_one(name: str, data_folder: Path, epochs: list[str], timeout: int) -> di
     before_usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_before = load_average()
     started = time.perf_counter()
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                               env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+    try:
+        completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+    except subprocess.TimeoutExpired as error:
+        (WORK / f"{name}.log").write_text(error.stderr.decode() if isinstance(error.stderr, bytes) else (error.stderr or ""))
+        raise SystemExit(f"{name} ran past --timeout {timeout} s; see {WORK / f'{name}.log'}.") from None
     wall = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     (WORK / f"{name}.log").write_text(completed.stderr)
@@ -180,9 +186,12 @@ def write_markdown(report: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reuse", action="store_true", help="Keep runs whose folder and record exist.")
-    parser.add_argument("--epochs", nargs="*", default=[], help="Overrides for every run, e.g. --training.retrieval_epochs=20.")
+    parser.add_argument("--retrieval_epochs", type=int, help="Stage-1 epochs of every run (default: the config's 60).")
+    parser.add_argument("--rerank_epochs", type=int, help="Stage-2 epochs of every run (default: the config's 20).")
     parser.add_argument("--timeout", type=int, default=2400, help="Seconds per run.")
     arguments = parser.parse_args()
+    arguments.epochs = [f"--training.{stage}_epochs={value}" for stage, value in
+                        (("retrieval", arguments.retrieval_epochs), ("rerank", arguments.rerank_epochs)) if value is not None]
     WORK.mkdir(parents=True, exist_ok=True)
     record_path = WORK / "runs.json"
     records = json.loads(record_path.read_text()) if arguments.reuse and record_path.is_file() else {}
@@ -196,9 +205,9 @@ def main() -> None:
         report["runs"][name] = summarise(name, records[name])
         print(f"{time.strftime('%H:%M:%S')} {name}: {json.dumps(report['runs'][name]['test']['rerank'])} "
               f"wall {records[name]['wall_seconds']} s", flush=True)
-    report["load_average_at_end"] = load_average()
-    (RESULTS / "continue_training.json").write_text(json.dumps(report, indent=2))
-    write_markdown(report)
+        report["load_average_at_end"] = load_average()
+        (RESULTS / "continue_training.json").write_text(json.dumps(report, indent=2))
+        write_markdown(report)
 
 
 if __name__ == "__main__":
