@@ -149,7 +149,7 @@ def write_markdown(report: dict[str, Any]) -> None:
         "",
         f"Run {report['machine']['date']} on {report['machine']['cpu']} ({report['machine']['cores']} cores), code "
         f"{report['code']}, load average at start {report['machine']['load_average_at_start']} (shared machine; each "
-        "run's load is in the table). Default config (configs/ml100k.yaml)"
+        "run's load is in the table). " + (report["note"] + " " if report.get("note") else "") + "Default config (configs/ml100k.yaml)"
         + (f", epochs overridden: {' '.join(report['epoch_overrides'])}" if report["epoch_overrides"] else ", default epochs and early stopping")
         + ".",
         "",
@@ -183,28 +183,49 @@ def write_markdown(report: dict[str, Any]) -> None:
     (RESULTS / "continue_training.md").write_text("\n".join(lines))
 
 
+def _records(reuse: bool) -> dict[str, Any]:
+    """Finished runs: records/<name>.json (one file per run, so runs may go in parallel processes)."""
+    records: dict[str, Any] = {}
+    if reuse:
+        for name in RUN_ORDER:
+            path = WORK / "records" / f"{name}.json"
+            if path.is_file() and (WORK / name / "eval_results.json").is_file():
+                records[name] = json.loads(path.read_text())
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reuse", action="store_true", help="Keep runs whose folder and record exist.")
+    parser.add_argument("--only", nargs="*", choices=RUN_ORDER, help="Run only these (none: just write the report).")
     parser.add_argument("--retrieval_epochs", type=int, help="Stage-1 epochs of every run (default: the config's 60).")
     parser.add_argument("--rerank_epochs", type=int, help="Stage-2 epochs of every run (default: the config's 20).")
     parser.add_argument("--timeout", type=int, default=2400, help="Seconds per run.")
+    parser.add_argument("--note", default="", help="A sentence for the report (e.g. which runs shared the machine).")
     arguments = parser.parse_args()
     arguments.epochs = [f"--training.{stage}_epochs={value}" for stage, value in
                         (("retrieval", arguments.retrieval_epochs), ("rerank", arguments.rerank_epochs)) if value is not None]
-    WORK.mkdir(parents=True, exist_ok=True)
-    record_path = WORK / "runs.json"
-    records = json.loads(record_path.read_text()) if arguments.reuse and record_path.is_file() else {}
-    report = {"machine": machine(), "code": git_commit(), "epoch_overrides": arguments.epochs,
-              "data": write_data(WORK / "data"), "runs": {}}
+    (WORK / "records").mkdir(parents=True, exist_ok=True)
+    records = _records(arguments.reuse)
+    data_folder = WORK / "data"
+    if arguments.reuse and (data_folder / "summary.json").is_file():
+        data_summary = json.loads((data_folder / "summary.json").read_text())
+    else:
+        data_summary = write_data(data_folder)
+        (data_folder / "summary.json").write_text(json.dumps(data_summary, indent=2))
+    report = {"machine": machine(), "code": git_commit(), "epoch_overrides": arguments.epochs, "note": arguments.note,
+              "data": data_summary, "runs": {}}
+    wanted = RUN_ORDER if arguments.only is None else arguments.only
     for name in RUN_ORDER:
-        if not (arguments.reuse and name in records and (WORK / name / "eval_results.json").is_file()):
+        if name in wanted and name not in records:
             print(f"{time.strftime('%H:%M:%S')} {name} ...", flush=True)
-            records[name] = run_one(name, WORK / "data", arguments.epochs, arguments.timeout)
-            record_path.write_text(json.dumps(records, indent=2))
-        report["runs"][name] = summarise(name, records[name])
-        print(f"{time.strftime('%H:%M:%S')} {name}: {json.dumps(report['runs'][name]['test']['rerank'])} "
-              f"wall {records[name]['wall_seconds']} s", flush=True)
+            records[name] = run_one(name, data_folder, arguments.epochs, arguments.timeout)
+            (WORK / "records" / f"{name}.json").write_text(json.dumps(records[name], indent=2))
+        records.update({other: record for other, record in _records(True).items() if other not in records})
+        report["runs"] = {run: summarise(run, records[run]) for run in RUN_ORDER if run in records}
+        if name in report["runs"]:
+            print(f"{time.strftime('%H:%M:%S')} {name}: {json.dumps(report['runs'][name]['test']['rerank'])} "
+                  f"wall {records[name]['wall_seconds']} s", flush=True)
         report["load_average_at_end"] = load_average()
         (RESULTS / "continue_training.json").write_text(json.dumps(report, indent=2))
         write_markdown(report)
