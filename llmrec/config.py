@@ -273,6 +273,14 @@ class TrainingSettings:
         metadata={"help": "Recompute activations of the user encoder (and of a LoRA-tuned BERT) in the backward "
                   "pass: less memory for longer histories or bigger batches, ~30 % more compute."},
     )
+    init_from: Optional[str] = field(
+        default=None,
+        metadata={"help": "Continue training this saved llmrec model folder (an earlier run's output_dir) on the "
+                  "configured data instead of starting from the bare encoder: its items keep their ids and vectors, "
+                  "items new in the data get text vectors and new ID rows, new users need nothing. model.* must "
+                  "match the folder's (id_dropout, exclude_unseen_items_from_loss and similarity_temperature may "
+                  "change). finetune.py --init_from FOLDER sets it. None = a new model."},
+    )
     gradient_accumulation_steps: int = 1
     checkpoint_every_steps: int = field(default=0, metadata={"help": "Save Accelerate state every N steps; 0 = off."})
     eval_every_epochs: int = 1
@@ -321,6 +329,8 @@ class TrainingSettings:
                      "profile_epochs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"training.{name} must be positive, got {getattr(self, name)}.")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError("training.init_from is empty; give a saved model folder, or null for a new model.")
         if self.cpu_threads is not None and self.cpu_threads <= 0:
             raise ConfigError(f"training.cpu_threads must be positive or null, got {self.cpu_threads}.")
         for name in ("retrieval_epochs", "rerank_epochs", "checkpoint_every_steps", "early_stopping_patience",

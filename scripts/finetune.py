@@ -6,6 +6,15 @@
 
 Any config value can be overridden as ``--section.field VALUE`` (or ``--section.field=VALUE``).
 
+Keeping a model current: ``--init_from FOLDER`` (``training.init_from``) continues training a saved model
+(an earlier run's output_dir) on the configured data, e.g. all interactions up to today:
+
+    python scripts/finetune.py --config configs/ml100k.yaml --init_from runs/ml100k --output_dir runs/ml100k-new
+
+Its items keep their ids and learned vectors; items new in the data get their text vectors and new ID
+embedding rows; new users need nothing. The model settings must be the folder's. The output is an ordinary
+model folder, so a server started on the old one can swap it in (``kill -HUP`` or ``POST /admin/reload``).
+
 Resuming: with ``--training.checkpoint_every_steps N`` the run saves a checkpoint every N optimizer steps
 and at the end of each stage into ``<output_dir>/checkpoints`` (the two most advanced are kept; a fresh run
 removes an earlier run's). After a crash or kill, run the same command again with
@@ -42,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config file (see configs/).")
     parser.add_argument("--output_dir", help="Where the model, index and eval_results.json go.")
     parser.add_argument(
+        "--init_from", metavar="FOLDER",
+        help="Continue training this saved model folder on the configured data (sets training.init_from).",
+    )
+    parser.add_argument(
         "--resume", nargs="?", const="latest", metavar="CHECKPOINT",
         help="Continue an interrupted run: from CHECKPOINT, or without it from the latest in <output_dir>/checkpoints.",
     )
@@ -56,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--resume-ignore-rng goes with --resume.")
         if arguments.output_dir is not None:  # `--output_dir=` too, which the config then refuses as empty
             overrides += [f"--output_dir={arguments.output_dir}"]
+        if arguments.init_from is not None:
+            overrides += [f"--training.init_from={arguments.init_from}"]
         config = load_config(arguments.config, overrides)
         run_finetune(config, resume_from=arguments.resume, resume_ignore_rng=arguments.resume_ignore_rng)
     except (LlmRecError, OSError) as error:  # OSError: e.g. a disk that fills up while the model is saved

@@ -23,6 +23,7 @@ from ..modeling.text_encoding import encode_catalogue, tokenize_item_texts
 from ..recommender import Recommender
 from ..retrieval import CandidatePipeline
 from ..utils.snapshots import is_hub_repo_id
+from .continuation import align_catalogue, grow_for_split, load_init_folder
 from .preflight import preflight
 from .profiles import embed_user_profiles, fit_user_profiles, profile_score_functions
 from .trainer import LlmRecTrainer, find_checkpoint, rerank_score_function, retrieval_score_function
@@ -87,6 +88,9 @@ def run_finetune(
     the config must match the checkpoint's (ConfigError otherwise). Random states that cannot be restored are a
     ConfigError too, since the run would then not reproduce an uninterrupted one, unless `resume_ignore_rng`.
 
+    With `training.init_from`, training continues the saved model in that folder on this data instead of
+    starting from the bare encoder (`continuation`: its items keep their indices, new items are added).
+
     With `model.use_user_profiles`, the profile projection is fitted after both stages (towers and head
     frozen, `training.profile_*`) on the users' profile texts, and a split with cold examples is evaluated
     three ways: `cold_test` (their history alone, as without profiles), `cold_test_with_profile` (history +
@@ -113,7 +117,10 @@ def run_finetune(
     timings: dict[str, float] = {}
 
     stage_start = time.perf_counter()
+    saved = load_init_folder(config) if settings.init_from is not None else None
     data = load_interaction_data(config.data)
+    if saved is not None:  # the saved model's items keep their indices; new ones follow
+        data = align_catalogue(data, saved.item_ids, saved.item_texts)
     split = build_split(data, config.data)
     if config.model.use_user_profiles:
         _require_profiles(data, split)
@@ -121,22 +128,16 @@ def run_finetune(
     logger.info("Data: %d users, %d items, %d valid / %d test users.", len(split.user_ids), split.num_items, len(split.valid), len(split.test))
 
     stage_start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(encoder_path, trust_remote_code=False)
-    # The profile path is added after training (`enable_user_profiles`), so the stages and their checkpoints
-    # are those of a model without it.
-    model_settings = {name: value for name, value in dataclasses.asdict(config.model).items()
-                      if name not in ("encoder", "use_user_profiles")}
-    model = LlmRecModel.from_encoder(
-        encoder_path, num_items=split.num_items, num_candidates=config.retrieval.num_candidates, **model_settings
-    ).to(accelerator.device)
     popularity = split.item_popularity()
-    model.warm_items.copy_(torch.as_tensor(popularity > 0))
-    tokenized_items = tokenize_item_texts(tokenizer, split.item_texts, config.model.max_text_length)
-    encode_catalogue(
-        model, tokenized_items, settings.encode_batch_size, show_progress=accelerator.is_local_main_process,
-        precision="bf16" if settings.mixed_precision == "bf16" else "fp32", accelerator=accelerator,
-    )
-    if config.lora is not None:
+    precision = "bf16" if settings.mixed_precision == "bf16" else "fp32"
+    if saved is not None:
+        tokenizer = saved.tokenizer
+        model = grow_for_split(saved, split, config, accelerator.device, precision)
+        tokenized_items = tokenize_item_texts(tokenizer, split.item_texts, config.model.max_text_length)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(encoder_path, trust_remote_code=False)
+        model, tokenized_items = _new_model(config, encoder_path, split, tokenizer, accelerator, precision)
+    if config.lora is not None and not model.has_encoder_adapter:  # a LoRA-tuned saved model goes on with its adapter
         add_lora(model, config)
     if settings.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -189,6 +190,8 @@ def run_finetune(
                 **({"profile_training_losses": profile_losses} if profile_losses is not None else {}),
                 "timings": timings,
                 "num_processes": accelerator.num_processes,
+                **({"init_from": {"folder": str(settings.init_from), "items_kept": len(saved.item_ids),
+                                  "items_added": split.num_items - len(saved.item_ids)}} if saved is not None else {}),
                 "config": config.to_dict(),
             }
         )
@@ -203,6 +206,27 @@ def run_finetune(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def _new_model(
+    config: ExperimentConfig, encoder_path: str, split: SequentialSplit, tokenizer: PreTrainedTokenizerBase,
+    accelerator: Accelerator, precision: str,
+) -> tuple[LlmRecModel, dict[str, torch.Tensor]]:
+    """A model around the pretrained encoder, with the catalogue encoded; and the tokenised item texts."""
+    # The profile path is added after training (`enable_user_profiles`), so the stages and their checkpoints
+    # are those of a model without it.
+    model_settings = {name: value for name, value in dataclasses.asdict(config.model).items()
+                      if name not in ("encoder", "use_user_profiles")}
+    model = LlmRecModel.from_encoder(
+        encoder_path, num_items=split.num_items, num_candidates=config.retrieval.num_candidates, **model_settings
+    ).to(accelerator.device)
+    model.warm_items.copy_(torch.as_tensor(split.item_popularity() > 0))
+    tokenized_items = tokenize_item_texts(tokenizer, split.item_texts, config.model.max_text_length)
+    encode_catalogue(
+        model, tokenized_items, config.training.encode_batch_size, show_progress=accelerator.is_local_main_process,
+        precision=precision, accelerator=accelerator,
+    )
+    return model, tokenized_items
 
 
 def _require_profiles(data: InteractionData, split: SequentialSplit) -> None:

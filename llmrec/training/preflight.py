@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from ..config import ExperimentConfig
 from ..errors import ConfigError
+from .continuation import check_init_folder
 
 logger = logging.getLogger(__name__)
 
@@ -21,13 +22,16 @@ PEFT_ALL_LINEAR = "all-linear"
 
 def preflight(config: ExperimentConfig, encoder_path: str) -> None:
     """Refuse a config that could only fail late: impossible values, an unwritable output_dir, an encoder
-    that lacks the LoRA target modules or is too short for model.max_text_length."""
+    that lacks the LoRA target modules or is too short for model.max_text_length, a training.init_from folder
+    that is not an llmrec model or was built with other model settings."""
     config.validate()  # a config built in Python has not been through load_config
     check_output_dir_writable(Path(config.output_dir))
     encoder_config = _encoder_config(encoder_path)
     check_text_length(config, encoder_config)
     if config.lora is not None:
         check_lora_targets(config.lora.target_modules, encoder_config, encoder_path)
+    if config.training.init_from is not None:
+        check_init_folder(config, encoder_path)
 
 
 def check_output_dir_writable(output_dir: Path) -> None:
