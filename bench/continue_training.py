@@ -19,7 +19,7 @@ process's user + system time) and the load average around each run are recorded;
 so CPU seconds are the figure to compare.
 
     python bench/continue_training.py              # default epochs: over 40 min a run at load 6 on 2 cores
-    python bench/continue_training.py --retrieval_epochs 8 --rerank_epochs 2   # what the committed results ran
+    python bench/continue_training.py --retrieval_epochs 8 --rerank_epochs 2   # every run shortened alike (the report says so)
     python bench/continue_training.py --reuse      # keep finished runs (their eval_results.json) and go on
 
 Writes bench/results/continue_training.{json,md}; model folders and data go to runs/continue_training/.
