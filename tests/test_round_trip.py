@@ -24,6 +24,7 @@ from llmrec.hub import files_to_upload
 from llmrec.modeling import LlmRecModel
 from llmrec.modeling.text_encoding import embed_item_texts, encode_catalogue, tokenize_item_texts
 from llmrec.retrieval import build_item_index
+from test_hub import assert_same_scores
 
 NUM_ITEMS = 80  # enough for a two-list IVF index
 HISTORIES = [["i0", "i1", "i2"], ["i41", "i42"], ["i77"], []]
@@ -78,13 +79,6 @@ def outputs_of(recommender: Recommender) -> list:
     return ranked
 
 
-def assert_same_outputs(expected: list, got: list) -> None:
-    assert len(expected) == len(got)
-    for ranked_expected, ranked_got in zip(expected, got):
-        assert [item for item, _ in ranked_got] == [item for item, _ in ranked_expected]
-        np.testing.assert_allclose([s for _, s in ranked_got], [s for _, s in ranked_expected], rtol=0, atol=1e-6)
-
-
 def comparable_config(recommender: Recommender) -> dict:
     """The model config as JSON stores it (integer label keys become strings), without where it was read from."""
     config = json.loads(recommender.model.config.to_json_string(use_diff=False))
@@ -105,7 +99,7 @@ def assert_same_recommender(expected: Recommender, got: Recommender) -> None:
         embed_item_texts(got.model, got.tokenizer, NEW_TEXT), embed_item_texts(expected.model, expected.tokenizer, NEW_TEXT),
         rtol=0, atol=1e-6,
     )
-    assert_same_outputs(outputs_of(expected), outputs_of(got))
+    assert_same_scores(outputs_of(expected), outputs_of(got))
 
 
 def as_hub_snapshot(folder: Path, cache: Path, monkeypatch, repo_id: str = "someone/llmrec-model") -> list:
@@ -161,7 +155,7 @@ def test_a_lora_model_loaded_by_hub_repo_id_has_the_trained_encoder(tiny_encoder
     )
     torch.testing.assert_close(by_repo_id.state_dict(), local.state_dict(), rtol=0, atol=1e-6)
     served = Recommender(by_repo_id, tokenizer, list(original.item_ids), list(original.item_texts), original.item_popularity)
-    assert_same_outputs(outputs_of(original), outputs_of(served))
+    assert_same_scores(outputs_of(original), outputs_of(served))
 
 
 # ----- loading and saving are quiet ------------------------------------------------------------------
