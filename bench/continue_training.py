@@ -21,6 +21,7 @@ so CPU seconds are the figure to compare.
     python bench/continue_training.py              # default epochs: over 40 min a run at load 6 on 2 cores
     python bench/continue_training.py --retrieval_epochs 8 --rerank_epochs 2   # every run shortened alike (the report says so)
     python bench/continue_training.py --reuse      # keep finished runs (their eval_results.json) and go on
+    python bench/continue_training.py --extra "--training.cpu_threads 1"   # any override, passed to every run
 
 Writes bench/results/continue_training.{json,md}; model folders and data go to runs/continue_training/.
 """
@@ -32,6 +33,7 @@ import csv
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -150,7 +152,7 @@ def write_markdown(report: dict[str, Any]) -> None:
         f"Run {report['machine']['date']} on {report['machine']['cpu']} ({report['machine']['cores']} cores), code "
         f"{report['code']}, load average at start {report['machine']['load_average_at_start']} (shared machine; each "
         "run's load is in the table). " + (report["note"] + " " if report.get("note") else "") + "Default config (configs/ml100k.yaml)"
-        + (f", epochs overridden: {' '.join(report['epoch_overrides'])}" if report["epoch_overrides"] else ", default epochs and early stopping")
+        + (f", overridden on every run: {' '.join(report['epoch_overrides'])}" if report["epoch_overrides"] else ", default epochs and early stopping")
         + ".",
         "",
         f"Data: MovieLens-100k, {data['interactions']:,} interactions, cut by time at 90 % "
@@ -201,10 +203,12 @@ def main() -> None:
     parser.add_argument("--retrieval_epochs", type=int, help="Stage-1 epochs of every run (default: the config's 60).")
     parser.add_argument("--rerank_epochs", type=int, help="Stage-2 epochs of every run (default: the config's 20).")
     parser.add_argument("--timeout", type=int, default=2400, help="Seconds per run.")
+    parser.add_argument("--extra", default="", help="Overrides passed to every run, e.g. \"--training.cpu_threads 1\".")
     parser.add_argument("--note", default="", help="A sentence for the report (e.g. which runs shared the machine).")
     arguments = parser.parse_args()
     arguments.epochs = [f"--training.{stage}_epochs={value}" for stage, value in
                         (("retrieval", arguments.retrieval_epochs), ("rerank", arguments.rerank_epochs)) if value is not None]
+    arguments.epochs += shlex.split(arguments.extra)
     (WORK / "records").mkdir(parents=True, exist_ok=True)
     records = _records(arguments.reuse)
     data_folder = WORK / "data"
