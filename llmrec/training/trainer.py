@@ -36,7 +36,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, resumable_settings
 from ..data import SequentialSplit
 from ..errors import ConfigError
 from ..evaluation import evaluate_ranking, scores_from_candidates
@@ -55,12 +55,6 @@ STAGES = ("retrieval", "rerank")
 TRAINER_STATE_NAME = "trainer_state.json"
 BEST_STATE_NAME = "best_state.safetensors"
 CHECKPOINTS_KEPT = 2
-# Settings a resumed run may change: they leave the data, the model and the optimisation untouched
-# (thread counts and inference batch sizes can still move results at float-rounding level).
-RESUMABLE_CHANGES = (
-    "output_dir", "training.checkpoint_every_steps", "training.cpu_threads", "training.encode_batch_size",
-    "evaluation.batch_size",
-)
 # Largest full-softmax logits tensor per batch (positions x catalogue, fp32) that `loss: auto` allows: 1 GiB.
 FULL_SOFTMAX_MAX_LOGITS = 2**28
 
@@ -267,13 +261,14 @@ def read_rng_state(checkpoint: Path, process_index: int) -> dict[str, Any]:
 def check_resumable(trainer_state: dict[str, Any], config: ExperimentConfig, checkpoint: Path) -> None:
     """Refuse a checkpoint whose run had other data, model or training settings than `config`."""
     saved, current = _flatten(trainer_state["config"]), _flatten(config.to_dict())
+    resumable = resumable_settings()  # declared on the config fields ("resumable" metadata)
     # A setting added to llmrec after the checkpoint was written had its default value in that run.
     defaults = _flatten(ExperimentConfig().to_dict())
     saved.update({name: defaults[name] for name in current.keys() - saved.keys() if name in defaults})
     differences = [
         f"{name}: {_shown(saved, name)} in the checkpoint, {_shown(current, name)} now"
         for name in sorted(set(saved) | set(current))
-        if name not in RESUMABLE_CHANGES and (name in saved, saved.get(name)) != (name in current, current.get(name))
+        if name not in resumable and (name in saved, saved.get(name)) != (name in current, current.get(name))
     ]
     if differences:
         raise ConfigError(
