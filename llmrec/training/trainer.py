@@ -46,7 +46,7 @@ from ..retrieval import CandidatePipeline, build_item_index
 from ..utils.io import atomic_write, write_json_atomic
 from ..utils.length_order import length_sorted_batches
 from .examples import RerankExample, collate_next_item, collate_rerank, next_item_windows, rerank_prefixes
-from .samplers import LengthGroupedBatchSampler, derived_seed
+from .samplers import LengthGroupedBatchSampler, NegativeSampler, derived_seed
 
 logger = logging.getLogger(__name__)
 
@@ -338,6 +338,7 @@ class LlmRecTrainer:
         # subtracts the log of each item's chance to be in the sample, so the sampled softmax estimates the full one.
         self.sampling_probabilities = (popularity + 1).index_fill(0, torch.tensor([0]), 0.0)
         self.sampling_probabilities /= self.sampling_probabilities.sum()
+        self.negative_sampler = NegativeSampler(self.sampling_probabilities)
         self.checkpoint_dir = checkpoint_root(config)
         self.timings: dict[str, float] = {}
         self.finished_stages: dict[str, dict] = {}  # stage -> its best valid metrics
@@ -376,10 +377,7 @@ class LlmRecTrainer:
         """Add sampled negatives and, when the encoder trains, the texts of the items this batch touches."""
         if self.loss_type == "sampled_softmax":
             targets = batch["target_item_indices"]
-            negatives = torch.multinomial(
-                self.sampling_probabilities, self.config.training.num_sampled_negatives, replacement=True,
-                generator=self._negatives_generator(),
-            )
+            negatives = self.negative_sampler.draw(self.config.training.num_sampled_negatives, self._negatives_generator())
             sampled = torch.unique(torch.cat([targets[targets > 0], negatives]))
             batch["sampled_item_indices"] = sampled
             batch["sampled_log_q"] = log_inclusion_probability(
