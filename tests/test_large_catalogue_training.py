@@ -58,7 +58,7 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        if not func.__name__.rstrip(".default").endswith("_"):
+        if not func.overloadpacket.__name__.endswith("_"):
             for tensor in result if isinstance(result, (tuple, list)) else [result]:
                 if isinstance(tensor, torch.Tensor):
                     size = tensor._nnz() if tensor.is_sparse else max(tensor.shape, default=1)
