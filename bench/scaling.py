@@ -36,6 +36,7 @@ built HNSW/IVF indexes are cached under `runs/bench-scaling/` (keyed by the exac
 
     python bench/scaling.py                              # full run: 10k, 100k, 1M items
     python bench/scaling.py --sizes 10000 --repeats 20   # quick check, under a minute
+    python bench/scaling.py --train --tiny-encoder       # training at 100k and 1M items: bench/scaling_train.py
 """
 
 from __future__ import annotations
@@ -519,6 +520,11 @@ def run_size(real: RealModel, num_items: int, args: argparse.Namespace, pools: d
 
 
 def main() -> None:
+    if "--train" in sys.argv[1:]:  # the training-side bench lives in its own module; its options follow --train
+        sys.path.insert(0, str(ROOT))
+        from bench.scaling_train import main as train_main
+
+        return train_main([argument for argument in sys.argv[1:] if argument != "--train"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "runs" / "ml100k", help="Trained model folder (its vectors seed the catalogue).")
     parser.add_argument("--sizes", type=lambda text: [int(size) for size in text.split(",")], default=[10_000, 100_000, 1_000_000],

@@ -318,6 +318,13 @@ class TrainingSettings:
         metadata={"help": "full_softmax | sampled_softmax | auto (full when the encoder is frozen and the logits fit)."},
     )
     num_sampled_negatives: int = field(default=1024, metadata={"help": "Negatives for sampled_softmax."})
+    sparse_id_gradients: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Sparse gradients for the item ID table under sampled_softmax, updated by SparseAdam (lazy "
+                  "Adam: rows a step does not touch are not moved), so a step costs the same at 1M items as at "
+                  "100k; AdamW over the dense table touches every row every step. None = on for sampled_softmax "
+                  "with >= 100k items in one process (gloo DDP handles sparse gradients, NCCL does not)."},
+    )
     # Stage 2: reranking head.
     rerank_epochs: int = field(default=20, metadata={"help": "Most stage-2 epochs; 0 = no head (retrieval order)."})
     rerank_batch_size: int = field(default=64, metadata={"help": "Candidate lists per stage-2 batch."})

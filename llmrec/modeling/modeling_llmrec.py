@@ -829,24 +829,23 @@ class LlmRecModel(LlmRecPreTrainedModel):
     def _touched_item_table(
         self, index_tensors: list[Optional[torch.Tensor]], text_inputs: Optional[dict[str, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Representations of just the items a batch touches, and the map from item index to their row.
+        """Representations of just the items a batch touches, and those items' indices (sorted, unique).
 
         Sampled softmax and reranking read a few hundred items; projecting (and, with LoRA, re-encoding)
         only those keeps a training step's cost independent of the catalogue size. Row 0 stays padding.
+        An item's row is found by `_table_rows` (a binary search), not a catalogue-sized lookup table.
         """
         device = self.warm_items.device
         touched = [torch.zeros(1, dtype=torch.long, device=device)]
         touched += [indices.flatten() for indices in index_tensors if indices is not None]
         rows = torch.unique(torch.cat(touched))
         rows = rows[rows >= 0]  # IGNORE_INDEX targets
-        row_of_item = torch.zeros(self.config.num_items + 1, dtype=torch.long, device=device)
-        row_of_item[rows] = torch.arange(len(rows), device=device)
         text_embeddings = None
         if text_inputs is not None:  # LoRA: the batch's texts re-encoded with gradient, the rest from the cache
             fresh = self._encode_texts_by_length(text_inputs["input_ids"], text_inputs["attention_mask"])
             text_embeddings = self.item_text_embeddings[rows].to(fresh.dtype)
-            text_embeddings = text_embeddings.index_copy(0, row_of_item[text_inputs["item_indices"]], fresh)
-        return self.item_embeddings(text_embeddings, rows=rows), row_of_item
+            text_embeddings = text_embeddings.index_copy(0, _table_rows(rows, text_inputs["item_indices"]), fresh)
+        return self.item_embeddings(text_embeddings, rows=rows), rows
 
     def forward(
         self,
@@ -885,26 +884,26 @@ class LlmRecModel(LlmRecPreTrainedModel):
             return LlmRecOutput(loss=loss, logits=self.similarity(user_embeddings, item_embeddings), user_embeddings=user_embeddings)
 
         # Sampled softmax or reranking: only the items this batch touches, indexed by their table row.
-        item_table, row_of_item = self._touched_item_table(
+        item_table, touched_items = self._touched_item_table(
             [history_item_indices, target_item_indices, sampled_item_indices, candidate_item_indices, older_item_indices],
             text_inputs,
         )
-        history_rows = row_of_item[history_item_indices]
-        older_rows = row_of_item[older_item_indices] if older_item_indices is not None else None
+        history_rows = _table_rows(touched_items, history_item_indices)
+        older_rows = _table_rows(touched_items, older_item_indices) if older_item_indices is not None else None
         user_states = self.encode_users(history_rows, item_table, profile_text_embeddings, has_profile, older_rows)
         user_embeddings = user_states[:, -1]
 
         if candidate_item_indices is None:
             loss = None
             if target_item_indices is not None:
-                sampled_embeddings = item_table[row_of_item[sampled_item_indices]]
+                sampled_embeddings = item_table[_table_rows(touched_items, sampled_item_indices)]
                 loss = self._retrieval_loss(
                     user_states, sampled_embeddings, target_item_indices, sampled_item_indices, sampled_log_q
                 )
             return LlmRecOutput(loss=loss, logits=None, user_embeddings=user_embeddings)
 
         scores, attentions = self.score_candidates(
-            history_rows, row_of_item[candidate_item_indices], item_table, user_embeddings, output_attentions
+            history_rows, _table_rows(touched_items, candidate_item_indices), item_table, user_embeddings, output_attentions
         )
         loss = None
         if candidate_labels is not None:
@@ -934,19 +933,33 @@ class LlmRecModel(LlmRecPreTrainedModel):
         has_target = target_item_indices != IGNORE_INDEX
         states = user_states[has_target]
         targets = target_item_indices[has_target]
-        # Items unseen in training are left out of the softmax, as if added after training: as negatives
-        # at every step, the model would learn from their text that such items are never chosen, and rank
-        # every cold item down (see the class docstring). Padding is never a valid next item either.
-        excluded = ~self.warm_items if self.config.exclude_unseen_items_from_loss and self.warm_items.any() else None
-        if excluded is None:
-            excluded = torch.zeros_like(self.warm_items)
-        excluded = excluded.clone()
-        excluded[0] = True
-        excluded[targets] = False
-        if sampled_item_indices is None:
-            logits = self.similarity(states, item_embeddings).masked_fill(excluded, float("-inf"))
-            return F.cross_entropy(logits, targets)
-        logits = self.similarity(states, item_embeddings) - sampled_log_q
-        logits = logits.masked_fill(excluded[sampled_item_indices], float("-inf"))
-        target_columns = torch.searchsorted(sampled_item_indices, targets)
-        return F.cross_entropy(logits, target_columns)
+        if sampled_item_indices is not None:
+            logits = self.similarity(states, item_embeddings) - sampled_log_q
+            logits = logits.masked_fill(self._excluded_from_loss(targets, sampled_item_indices), float("-inf"))
+            target_columns = torch.searchsorted(sampled_item_indices, targets)
+            return F.cross_entropy(logits, target_columns)
+        logits = self.similarity(states, item_embeddings).masked_fill(self._excluded_from_loss(targets), float("-inf"))
+        return F.cross_entropy(logits, targets)
+
+    def _excluded_from_loss(self, targets: torch.Tensor, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Which softmax columns (item indices `columns`, default the whole catalogue) are left out of the loss.
+
+        Items unseen in training are left out, as if added after training: as negatives at every step, the
+        model would learn from their text that such items are never chosen, and rank every cold item down
+        (see the class docstring). Padding is never a valid next item either; a target always counts.
+        Only the `columns` are read, so a sampled step touches no catalogue-sized table.
+        """
+        warm = self.warm_items if columns is None else self.warm_items[columns]
+        # "Is any item warm?" without scanning the catalogue when a target (nearly always warm) answers it.
+        any_warm = bool(self.warm_items[targets].any()) or bool(self.warm_items.any())
+        excluded = ~warm if self.config.exclude_unseen_items_from_loss and any_warm else torch.zeros_like(warm)
+        if columns is None:
+            excluded[0] = True
+            excluded[targets] = False
+            return excluded
+        return (excluded | (columns == 0)) & ~torch.isin(columns, targets)
+
+
+def _table_rows(touched_items: torch.Tensor, item_indices: torch.Tensor) -> torch.Tensor:
+    """Rows of `item_indices` in a table of the sorted, unique `touched_items` (each of them is in it)."""
+    return torch.searchsorted(touched_items, item_indices)

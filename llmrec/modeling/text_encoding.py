@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -21,6 +23,9 @@ TOKENIZER_FILE = "tokenizer.json"
 # Share of the encoder's embedding rows the tokenizer must give a token. Some encoders pad their vocabulary
 # to a round size (under 1 % of unused rows); a tokenizer that fell back to its special tokens covers almost none.
 MIN_VOCABULARY_COVERAGE = 0.9
+# Texts per tokenizer call when tokenising to disk: bounds the tokenizer's per-text objects alive at once.
+TOKENIZE_CHUNK_SIZE = 50_000
+TOKENIZED_LAYOUT_FILE = "layout.json"
 
 
 def load_tokenizer(folder: str | Path, encoder_vocab_size: Optional[int]) -> PreTrainedTokenizerBase:
@@ -66,6 +71,53 @@ def tokenize_item_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
+def tokenize_item_texts_to_disk(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, folder: str | Path,
+    chunk_size: int = TOKENIZE_CHUNK_SIZE,
+) -> dict[str, torch.Tensor]:
+    """`tokenize_item_texts`'s tensors, written to `folder` chunk by chunk and returned memory-mapped.
+
+    Tokenising a million texts in one call holds a million Python-side encodings at once (gigabytes);
+    here only `chunk_size` are alive, the token ids go straight to `input_ids.npy` / `attention_mask.npy`,
+    and encoding (`embed_tokenized_items`) then reads the rows of each batch from disk. The values equal
+    `tokenize_item_texts`'s (padded to the longest text); `load_tokenized_items` opens the folder again.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = (len(texts) + 1, max_length)
+    input_ids = np.lib.format.open_memmap(folder / "input_ids.npy", mode="w+", dtype=np.int64, shape=shape)
+    attention_mask = np.lib.format.open_memmap(folder / "attention_mask.npy", mode="w+", dtype=np.int64, shape=shape)
+    longest = 1
+    for start in range(0, shape[0], chunk_size):
+        chunk = [""] + list(texts[: chunk_size - 1]) if start == 0 else list(texts[start - 1 : start - 1 + chunk_size])
+        encoded = tokenizer(chunk, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+        input_ids[start : start + len(chunk)] = encoded["input_ids"]
+        attention_mask[start : start + len(chunk)] = encoded["attention_mask"]
+        longest = max(longest, int(encoded["attention_mask"].sum(axis=1).max()))
+    input_ids.flush()
+    attention_mask.flush()
+    del input_ids, attention_mask
+    layout = {"width": longest, "padding_side": tokenizer.padding_side, "num_items": len(texts)}
+    (folder / TOKENIZED_LAYOUT_FILE).write_text(json.dumps(layout), encoding="utf-8")
+    return load_tokenized_items(folder)
+
+
+def load_tokenized_items(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors `tokenize_item_texts_to_disk` wrote, memory-mapped (pages are read when a batch needs them)."""
+    folder = Path(folder)
+    try:
+        layout = json.loads((folder / TOKENIZED_LAYOUT_FILE).read_text(encoding="utf-8"))
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="c") for name in ("input_ids", "attention_mask")}
+    except (OSError, ValueError) as error:
+        raise ModelFolderError(
+            f"{folder} holds no complete tokenised catalogue ({error}); write it with tokenize_item_texts_to_disk."
+        ) from error
+    width, max_length = int(layout["width"]), arrays["input_ids"].shape[1]
+    # Padded to max_length on disk; the view keeps the longest text's width, on the side the tokens are.
+    columns = slice(max_length - width, None) if layout["padding_side"] == "left" else slice(0, width)
+    return {name: torch.from_numpy(array[:, columns]) for name, array in arrays.items()}
+
+
 @torch.inference_mode()
 def embed_tokenized_items(
     model: LlmRecModel,
@@ -75,6 +127,7 @@ def embed_tokenized_items(
     precision: str = "fp32",
     item_encoder: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     accelerator: Optional[object] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Pooled encoder outputs of tokenised items (row 0, the padding item, stays zero).
 
@@ -82,7 +135,10 @@ def embed_tokenized_items(
     autocast (see `precision.autocast`); the embeddings are stored in the cache's dtype either way.
     `item_encoder` replaces the model's own encoder, e.g. an `OnnxItemEncoder` exported from it.
     With a multi-process `accelerator` each process encodes its share of the batches and every process
-    gets the whole table, equal to the one-process table (`utils.distributed`).
+    gets the whole table, equal to the one-process table (`utils.distributed`). `out` is a table to write
+    into instead of a new one (the model's cache: at 1M items a second table would be another 1.5 GB).
+    Only one batch's activations are alive at a time, and `tokenized_items` may be memory-mapped
+    (`tokenize_item_texts_to_disk`): each batch reads its own rows.
     """
     encode = item_encoder if item_encoder is not None else model.encode_item_texts
     was_training = model.training
@@ -93,7 +149,13 @@ def embed_tokenized_items(
     order = torch.argsort(lengths, descending=True, stable=True) + 1
     batches = shard_batches(accelerator, [order[start : start + batch_size] for start in range(0, len(order), batch_size)])
     dtype, width_out = model.item_text_embeddings.dtype, model.item_encoder.output_size
-    embeddings = torch.zeros(len(input_ids), width_out, dtype=dtype, device=device)
+    if out is None:
+        embeddings = torch.zeros(len(input_ids), width_out, dtype=dtype, device=device)
+    else:
+        if tuple(out.shape) != (len(input_ids), width_out):
+            raise ValueError(f"out has shape {tuple(out.shape)}; it must be ({len(input_ids)}, {width_out}), one row per tokenised item.")
+        embeddings = out
+        embeddings[0] = 0
     distributed = is_distributed(accelerator)
     # Across processes only this shard is held until the gather, not a full table per process.
     shard_rows = torch.cat(batches) if batches else torch.zeros(0, dtype=torch.long)
@@ -126,8 +188,9 @@ def encode_catalogue(
 
     Pass the run's `accelerator` to split the work across its processes (each ends with the same cache).
     """
-    embeddings = embed_tokenized_items(model, tokenized_items, batch_size, show_progress, precision, accelerator=accelerator)
-    model.item_text_embeddings.copy_(embeddings)
+    embeddings = embed_tokenized_items(
+        model, tokenized_items, batch_size, show_progress, precision, accelerator=accelerator, out=model.item_text_embeddings
+    )
     logger.info("Encoded %d item texts.", len(embeddings) - 1)
     return embeddings
 

@@ -15,6 +15,30 @@ from torch.utils.data import Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 
+class NegativeSampler:
+    """Draws item indices with replacement in proportion to `probabilities`, in O(draws x log catalogue).
+
+    `torch.multinomial` rebuilds the cumulative distribution of the whole catalogue at every call, i.e.
+    every training step would scan a catalogue-sized table; here it is built once. The cumulative sums
+    are accumulated in float32 one after the other and searched with float64 uniforms, as torch's CPU
+    kernel does, so the draws equal `torch.multinomial(probabilities, n, replacement=True, generator=g)`
+    for the same generator state (tests/test_large_catalogue_training.py): existing runs keep their negatives.
+    """
+
+    def __init__(self, probabilities: torch.Tensor) -> None:
+        weights = probabilities.detach().cpu().float().numpy()
+        if weights.ndim != 1 or not len(weights) or (weights < 0).any() or not weights.sum() > 0:
+            raise ValueError("NegativeSampler needs a 1-D tensor of non-negative probabilities with a positive sum.")
+        cumulative = np.cumsum(weights, dtype=np.float32)  # sequential float32 sums, as torch's kernel adds
+        cumulative /= cumulative[-1]
+        cumulative[-1] = 1.0
+        self.cumulative = torch.from_numpy(cumulative.astype(np.float64))
+
+    def draw(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        uniforms = torch.rand(num_samples, dtype=torch.float64, generator=generator)
+        return torch.searchsorted(self.cumulative, uniforms)
+
+
 def derived_seed(*keys: int) -> int:
     """A seed for one purpose (stage, epoch, batch, ...) of a run, independent of every other draw."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])

@@ -32,6 +32,7 @@ from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME
 from accelerate.utils import load as load_torch_file
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -46,7 +47,7 @@ from ..retrieval import CandidatePipeline, build_item_index
 from ..utils.io import atomic_write, write_json_atomic
 from ..utils.length_order import length_sorted_batches
 from .examples import RerankExample, collate_next_item, collate_rerank, next_item_windows, rerank_prefixes
-from .samplers import LengthGroupedBatchSampler, derived_seed
+from .samplers import LengthGroupedBatchSampler, NegativeSampler, derived_seed
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ BEST_STATE_NAME = "best_state.safetensors"
 CHECKPOINTS_KEPT = 2
 # Largest full-softmax logits tensor per batch (positions x catalogue, fp32) that `loss: auto` allows: 1 GiB.
 FULL_SOFTMAX_MAX_LOGITS = 2**28
+# From this catalogue size on, sampled softmax updates the item ID table sparsely by default (`_optimizers`).
+SPARSE_ID_GRADIENTS_MIN_ITEMS = 100_000
 
 
 def log_inclusion_probability(probabilities: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -333,6 +336,7 @@ class LlmRecTrainer:
         # subtracts the log of each item's chance to be in the sample, so the sampled softmax estimates the full one.
         self.sampling_probabilities = (popularity + 1).index_fill(0, torch.tensor([0]), 0.0)
         self.sampling_probabilities /= self.sampling_probabilities.sum()
+        self.negative_sampler = NegativeSampler(self.sampling_probabilities)
         self.checkpoint_dir = checkpoint_root(config)
         self.timings: dict[str, float] = {}
         self.finished_stages: dict[str, dict] = {}  # stage -> its best valid metrics
@@ -371,10 +375,7 @@ class LlmRecTrainer:
         """Add sampled negatives and, when the encoder trains, the texts of the items this batch touches."""
         if self.loss_type == "sampled_softmax":
             targets = batch["target_item_indices"]
-            negatives = torch.multinomial(
-                self.sampling_probabilities, self.config.training.num_sampled_negatives, replacement=True,
-                generator=self._negatives_generator(),
-            )
+            negatives = self.negative_sampler.draw(self.config.training.num_sampled_negatives, self._negatives_generator())
             sampled = torch.unique(torch.cat([targets[targets > 0], negatives]))
             batch["sampled_item_indices"] = sampled
             batch["sampled_log_q"] = log_inclusion_probability(
@@ -495,8 +496,7 @@ class LlmRecTrainer:
             self._record_stage(stage, metrics, time.perf_counter() - started)
             return metrics
         sampler = loader.batch_sampler
-        optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=settings.weight_decay)
-        model, optimizer, loader = accelerator.prepare(self.model, optimizer, loader)
+        model, *optimizers, loader = accelerator.prepare(self.model, *self._optimizers(stage, parameters, learning_rate), loader)
         progress, best_state = self._start_stage(stage, unwrapped, evaluate)
         saved_at_end = progress.finished  # resumed from the checkpoint this stage wrote when it ended
         clock_start = started - progress.training_seconds
@@ -514,8 +514,9 @@ class LlmRecTrainer:
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad()
+                    for optimizer in optimizers:
+                        optimizer.step()
+                        optimizer.zero_grad()
                 loss_value = loss.item()
                 progress.epoch_loss_sum += loss_value
                 progress.batches_done += 1
@@ -527,11 +528,41 @@ class LlmRecTrainer:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
             best_state = self._end_epoch(progress, best_state, unwrapped, epochs, evaluate)
         progress.training_seconds = time.perf_counter() - clock_start
+        if unwrapped.item_id_embeddings is not None:
+            unwrapped.item_id_embeddings.sparse = False  # full-catalogue uses after training take the dense path
         self._end_stage(progress, best_state, unwrapped, save_checkpoint=bool(settings.checkpoint_every_steps) and not saved_at_end)
         self.model = accelerator.unwrap_model(model)
         accelerator.free_memory()
         unwrapped.eval()
         return progress.best_metrics
+
+    def _optimizers(self, stage: str, parameters: list[nn.Parameter], learning_rate: float) -> list[torch.optim.Optimizer]:
+        """AdamW; with sparse ID gradients (`use_sparse_id_gradients`), SparseAdam for the item ID table beside it.
+
+        AdamW moves every row of a dense table at every step (its moments are never zero again), which at
+        1M items costs more than the rest of the step; SparseAdam updates only the rows the step touched.
+        """
+        weight_decay = self.config.training.weight_decay
+        id_table = self.accelerator.unwrap_model(self.model).item_id_embeddings
+        sparse = stage == "retrieval" and self.use_sparse_id_gradients and id_table is not None and id_table.weight.requires_grad
+        if id_table is not None:
+            id_table.sparse = sparse  # a training-time switch only: not in the state dict or config.json
+        if not sparse:
+            return [torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)]
+        if weight_decay:
+            logger.warning("training.weight_decay does not apply to the item ID table under sparse ID gradients.")
+        dense = [parameter for parameter in parameters if parameter is not id_table.weight]
+        return [torch.optim.AdamW(dense, lr=learning_rate, weight_decay=weight_decay),
+                torch.optim.SparseAdam([id_table.weight], lr=learning_rate)]
+
+    @property
+    def use_sparse_id_gradients(self) -> bool:
+        """`training.sparse_id_gradients`, or by default: sampled softmax, a large catalogue, one process."""
+        requested = self.config.training.sparse_id_gradients
+        if requested is not None:
+            return bool(requested) and self.loss_type == "sampled_softmax"
+        return (self.loss_type == "sampled_softmax" and self.split.num_items >= SPARSE_ID_GRADIENTS_MIN_ITEMS
+                and self.accelerator.num_processes == 1)
 
     def _start_stage(
         self, stage: str, model: LlmRecModel, evaluate: Callable[[], dict]
