@@ -275,6 +275,8 @@ def write_remote_markdown(results: dict, path: Path) -> None:
     for level in results["http"]["levels"]:
         lines.append(f"| {level['clients']} | {level['requests']} | {level['requests_per_s']:.0f} | {level['p50_ms']:.1f} | "
                      f"{level['p99_ms']:.1f} | {level['error_rate']:.3%} |")
+    if results.get("note"):
+        lines += ["", f"Setup: {results['note']}."]
     lines += ["", f"Command: `{results['command']}`", ""]
     path.write_text("\n".join(lines))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -125,12 +126,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     serve.run(application, name="llmrec", route_prefix="/")
     logger.info("Serving %s with %d replica(s) on http://%s:%d (Ctrl-C stops)", arguments.model, arguments.replicas,
                 arguments.host, arguments.port)
+    signal.signal(signal.SIGTERM, _interrupt)  # a background job ignores SIGINT; stop on SIGTERM just as cleanly
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
