@@ -8,6 +8,12 @@ counted) and a soak at 8 clients with the server's RSS at its start and end.
 
     python bench/serve_load.py --model runs/ml100k              # the default MovieLens-100k model
     python bench/serve_load.py --soak-seconds 60                # no folder: an untrained model of ML-100k's shape
+    python bench/serve_load.py --url http://127.0.0.1:8000 --model runs/tiny --output bench/results/ray_serve_load
+        # a server already running (e.g. examples/ray_serve.py): only the concurrency levels, no reload or soak
+
+With --url the script cannot signal or watch the server, so the SIGHUP reload and the RSS soak are skipped,
+and /metrics is not read (behind several replicas it answers for one of them); --model names the folder the
+server serves, for its item ids.
 
 Without --model the script builds an untrained model with MovieLens-100k's serving shape (1,682 items,
 hidden 64, 100 candidates, histories read up to 200 items) around a tiny random BERT: serving reads cached
@@ -188,9 +194,18 @@ async def reload_midway(server: subprocess.Popen, after_seconds: float) -> None:
     server.send_signal(signal.SIGHUP)
 
 
+def remote_figures(base: str, histories: list[list[str]], arguments: argparse.Namespace) -> dict:
+    """The concurrency levels against a server this script did not start (no /metrics, reload or soak)."""
+    if httpx.get(f"{base}/ready", timeout=10).status_code != 200:
+        raise SystemExit(f"{base}/ready does not answer 200; start the server first and wait until it is ready.")
+    levels = [asyncio.run(run_level(base, histories, clients, arguments.k, arguments.max_requests, arguments.level_seconds))
+              for clients in arguments.levels]
+    return {"levels": levels}
+
+
 def load_figures(base: str, server: subprocess.Popen, histories: list[list[str]], arguments: argparse.Namespace) -> dict:
     levels = []
-    for clients in LEVELS:
+    for clients in arguments.levels:
         before = scrape(base)
         level = asyncio.run(run_level(base, histories, clients, arguments.k, arguments.max_requests, arguments.level_seconds))
         after = scrape(base)
@@ -214,6 +229,9 @@ def load_figures(base: str, server: subprocess.Popen, histories: list[list[str]]
 
 
 def write_markdown(results: dict, path: Path) -> None:
+    if results["in_process"] is None:
+        write_remote_markdown(results, path)
+        return
     inproc = results["in_process"]
     lines = [
         "# `llmrec serve` load test (`bench/serve_load.py`)", "",
@@ -245,6 +263,40 @@ def write_markdown(results: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def write_remote_markdown(results: dict, path: Path) -> None:
+    machine = results["machine"]
+    lines = [
+        f"# Load test of {results['url']} (`bench/serve_load.py --url`)", "",
+        f"Model: {results['model']}. POST /recommend, k={results['k']}, {results['users']} users' histories (20-200 items). "
+        f"Machine: {machine['cpus']} CPUs, load average {machine['loadavg_start']} at the start and {machine['loadavg_end']} "
+        "at the end; the httpx client runs on the same cores as the server.", "",
+        "| clients | requests | requests/s | p50 ms | p99 ms | error rate |", "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for level in results["http"]["levels"]:
+        lines.append(f"| {level['clients']} | {level['requests']} | {level['requests_per_s']:.0f} | {level['p50_ms']:.1f} | "
+                     f"{level['p99_ms']:.1f} | {level['error_rate']:.3%} |")
+    if results.get("note"):
+        lines += ["", f"Setup: {results['note']}."]
+    lines += ["", f"Command: `{results['command']}`", ""]
+    path.write_text("\n".join(lines))
+
+
+def run_remote(arguments: argparse.Namespace, loadavg_start: list[str]) -> dict:
+    from llmrec import Recommender
+
+    if not arguments.model:
+        raise SystemExit("--url needs --model: the folder the server serves, for its item ids.")
+    histories = user_histories(Recommender.from_pretrained(arguments.model).item_ids, arguments.users)
+    http = remote_figures(arguments.url.rstrip("/"), histories, arguments)
+    return {
+        "url": arguments.url, "model": arguments.model, "k": arguments.k, "users": len(histories), "in_process": None,
+        "http": http, "note": arguments.note,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "loadavg_start": " ".join(loadavg_start), "loadavg_end": " ".join(Path("/proc/loadavg").read_text().split()[:3])},
+        "command": " ".join(["python", *sys.argv]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Model folder to serve (default: an untrained model of ML-100k's shape).")
@@ -254,8 +306,19 @@ def main() -> None:
     parser.add_argument("--level-seconds", type=float, default=30.0, help="Seconds per concurrency level at most.")
     parser.add_argument("--soak-seconds", type=float, default=300.0, help="Soak length (default 300, the issue's 5 minutes).")
     parser.add_argument("--output", default=str(RESULTS / "serve_load"), help="Writes OUTPUT.json and OUTPUT.md.")
+    parser.add_argument("--url", help="Load a server already running at this base URL instead of starting one (needs --model).")
+    parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="Concurrent clients per level (default 1 8 64).")
+    parser.add_argument("--note", help="Free text stored with the results (what else ran, how the server was started).")
     arguments = parser.parse_args()
     loadavg_start = Path("/proc/loadavg").read_text().split()[:3]
+    if arguments.url:
+        results = run_remote(arguments, loadavg_start)
+        output = Path(arguments.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        write_markdown(results, output.with_suffix(".md"))
+        print(output.with_suffix(".md").read_text())
+        return
     with tempfile.TemporaryDirectory(prefix="llmrec-serve-load-") as scratch:
         folder = Path(arguments.model) if arguments.model else build_synthetic_model(Path(scratch))
         from llmrec import Recommender

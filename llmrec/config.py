@@ -390,6 +390,10 @@ class RetrievalSettings:
     )
     ivf_nlist: Optional[int] = field(default=None, metadata={"help": "IVF lists; null = 4 * sqrt(num_items) (index_type ivf)."})
     ivf_nprobe: Optional[int] = field(default=None, metadata={"help": "IVF lists scanned per query (index_type ivf)."})
+    refine_k_factor: Optional[int] = field(
+        default=None, metadata={"help": "Candidates per result a refine stage re-scores, for factory strings ending in "
+                                "',Refine(...)' (index_type factory; null = 4)."},
+    )
 
     def validate(self) -> None:
         if self.num_candidates <= 0:
@@ -408,7 +412,7 @@ class RetrievalSettings:
             raise ConfigError(f"retrieval.index_shards must be a positive integer, got {self.index_shards!r}.")
         if self.index_shards > 1 and self.index_type not in ("flat", "factory"):
             raise ConfigError(f"retrieval.index_shards > 1 needs index_type flat or factory, got {self.index_type!r}.")
-        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe"):
+        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe", "refine_k_factor"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"retrieval.{name} must be positive or null, got {getattr(self, name)}.")
 
@@ -417,7 +421,7 @@ class RetrievalSettings:
         names = {
             "hnsw": {"M": self.hnsw_m, "efConstruction": self.hnsw_ef_construction, "efSearch": self.hnsw_ef_search},
             "ivf": {"nlist": self.ivf_nlist, "nprobe": self.ivf_nprobe},
-            "factory": {"factory": self.index_factory, "nprobe": self.ivf_nprobe},
+            "factory": {"factory": self.index_factory, "nprobe": self.ivf_nprobe, "k_factor": self.refine_k_factor},
         }.get(self.index_type, {})
         if self.index_shards > 1:
             names["num_shards"] = self.index_shards

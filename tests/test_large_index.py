@@ -57,6 +57,32 @@ def test_factory_and_sharded_indexes_reload_from_their_folder(tmp_path, vectors,
     assert np.mean(after[1] == before[1]) > 0.95  # PQ scores tie; equal scores may swap places
 
 
+def test_refine_stage_rescoring_more_candidates_raises_recall(vectors):
+    items, queries = vectors
+    exact = ItemIndex.build(items).search(queries, 20)[1]
+    index = ItemIndex.build(items, index_type="factory", factory="IVF16,PQ4x4,Refine(SQ8)", nprobe=16)
+    recalls = {}
+    for k_factor in (1, 8):
+        index.set_search_params(k_factor=k_factor)
+        found = index.search(queries, 20)[1]
+        recalls[k_factor] = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(exact, found)])
+    assert recalls[8] > recalls[1] + 0.2  # k_factor 1 only reorders the coarse top 20
+    # No direct map under a refine stage (it reconstructs from its own codes): 2 + 16 code bytes + 8 id bytes.
+    assert bytes_per_vector(index.faiss_index) < 2 + 16 + 8 + 2
+
+
+@pytest.mark.parametrize("num_shards", [2, 3])
+def test_sharded_refine_index_saves_both_stages(tmp_path, vectors, num_shards):
+    items, queries = vectors
+    unsharded = ItemIndex.build(items, index_type="factory", factory="IVF16,PQ4x4,Refine(SQ8)", nprobe=16, k_factor=8)
+    sharded = ItemIndex.build(items, index_type="factory", factory="IVF16,PQ4x4,Refine(SQ8)", nprobe=16, k_factor=8,
+                              num_shards=num_shards)
+    sharded.save(tmp_path / "item_index.faiss")
+    loaded = ItemIndex.load(tmp_path / "item_index.faiss")
+    assert loaded.params["k_factor"] == 8 and loaded.num_items == len(items)
+    np.testing.assert_array_equal(loaded.search(queries, 20)[1], unsharded.search(queries, 20)[1])
+
+
 def test_sharded_flat_round_trip_keeps_results(tmp_path, vectors):
     items, queries = vectors
     index = ItemIndex.build(items, num_shards=3)
@@ -94,6 +120,8 @@ def test_config_fields_go_together():
     settings = RetrievalSettings(index_type="factory", index_factory="IVF64,PQ8", ivf_nprobe=8, index_shards=2)
     settings.validate()
     assert settings.index_params() == {"factory": "IVF64,PQ8", "nprobe": 8, "num_shards": 2}
+    refined = RetrievalSettings(index_type="factory", index_factory="IVF64,PQ8,Refine(SQ8)", refine_k_factor=8)
+    assert refined.index_params() == {"factory": "IVF64,PQ8,Refine(SQ8)", "k_factor": 8}
     for broken in (RetrievalSettings(index_type="factory"), RetrievalSettings(index_factory="IVF64,PQ8"),
                    RetrievalSettings(index_shards=0), RetrievalSettings(index_type="hnsw", index_shards=2)):
         with pytest.raises(ConfigError, match="retrieval.index"):

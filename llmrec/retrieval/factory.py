@@ -114,11 +114,25 @@ def merged_index(index: faiss.Index) -> faiss.Index:
         return index
     merged = faiss.clone_index(shards[0])
     for shard in shards[1:]:
-        if isinstance(faiss.downcast_index(merged), faiss.IndexFlat):
+        target = faiss.downcast_index(merged)
+        if isinstance(target, faiss.IndexFlat):
             merged.add(shard.reconstruct_n(0, shard.ntotal))
+        elif isinstance(target, faiss.IndexRefine):
+            _merge_refine(target, shard)
         else:
             _merge_ivf(merged, shard)
     return merged
+
+
+def _merge_refine(target: faiss.IndexRefine, source: faiss.Index) -> None:
+    # Both stages move: the IVF first stage by its lists, the refine codes (stored by position) appended.
+    # merge_from empties its source, so a clone is merged; it is held here while its parts are in use.
+    source_copy = faiss.clone_index(source)
+    source_refine = faiss.downcast_index(source_copy)
+    _merge_ivf(target.base_index, source_refine.base_index)
+    refine_codes = faiss.downcast_index(target.refine_index)
+    refine_codes.merge_from(faiss.downcast_index(source_refine.refine_index), 0)
+    target.ntotal = refine_codes.ntotal
 
 
 def _merge_ivf(target: faiss.Index, source: faiss.Index) -> None:
@@ -148,8 +162,24 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
             ivf.nprobe = min(int(nprobe), int(ivf.nlist))
 
 
+def set_k_factor(index: faiss.Index, k_factor: int) -> None:
+    """Candidates a refine stage (``...,Refine(SQ4)``) re-scores per result wanted, in every shard.
+
+    With FAISS's default of 1 the refine stage only reorders the k results the first stage found, so it cannot
+    raise recall; k_factor 4 re-scores 4k candidates with the finer codes."""
+    for part in shards_of(index) or [index]:
+        refine = faiss.downcast_index(part)
+        if isinstance(refine, faiss.IndexRefine):
+            refine.k_factor = float(k_factor)
+
+
 def make_direct_map(index: faiss.Index) -> None:
-    """Let an unsharded IVF index reconstruct stored vectors by id (exact fallbacks, filters)."""
+    """Let an unsharded IVF index reconstruct stored vectors by id (exact fallbacks, filters).
+
+    An index with a refine stage reconstructs from its refine codes, which are stored by id already, so the
+    map (8 bytes per item, saved with the index) is not built for it."""
+    if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
+        return
     ivf = _ivf_of(index)
     if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
         ivf.make_direct_map()

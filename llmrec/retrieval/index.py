@@ -55,9 +55,11 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "flat": {},
     "hnsw": {"M": 32, "efConstruction": 100, "efSearch": 320},
     "ivf": {"nlist": None, "nprobe": 48},
-    "factory": {"nprobe": 48},  # used by the IVF inside the factory string, if any
+    # nprobe: used by the IVF inside the factory string, if any. k_factor: candidates per result a refine stage
+    # (`...,Refine(SQ4)`) re-scores; bench/ivfpq.py sweeps it (FAISS's own default, 1, only reorders).
+    "factory": {"nprobe": 48, "k_factor": 4},
 }
-SEARCH_PARAMS = {"flat": (), "hnsw": ("efSearch",), "ivf": ("nprobe",), "factory": ("nprobe",)}
+SEARCH_PARAMS = {"flat": (), "hnsw": ("efSearch",), "ivf": ("nprobe",), "factory": ("nprobe", "k_factor")}
 IVF_MIN_ITEMS_PER_LIST = 39
 # With an `allowed` filter this narrow, approximate indexes score the allowed items exactly: a graph or
 # bucket search that must skip most of what it visits would come back short, and scoring a few thousand
@@ -282,7 +284,8 @@ class ItemIndex:
         return item_index
 
     def set_search_params(self, **params: Any) -> None:
-        """Change the search-time parameters (efSearch for HNSW, nprobe for IVF) without rebuilding."""
+        """Change the search-time parameters (efSearch for HNSW, nprobe for IVF, nprobe and k_factor for a factory
+        index) without rebuilding."""
         allowed = SEARCH_PARAMS[self.index_type]
         unknown = sorted(set(params) - set(allowed))
         if unknown:
@@ -299,6 +302,7 @@ class ItemIndex:
             self.faiss_index.nprobe = int(self.params["nprobe"])
         elif self.index_type == "factory":
             large.set_nprobe(self.faiss_index, int(self.params["nprobe"]))
+            large.set_k_factor(self.faiss_index, int(self.params["k_factor"]))
 
     def _search_parameters(
         self, selector: faiss.IDSelector | None, k: int, widen: int = 1
