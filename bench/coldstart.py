@@ -41,10 +41,16 @@ import torch.nn.functional as F
 from llmrec import Recommender
 from llmrec.config import load_config
 from llmrec.data import EvaluationExamples, build_split, load_interaction_data
-from llmrec.evaluation import evaluate_ranking, popularity_scores, scores_from_candidates
-from llmrec.training import run_finetune
-from llmrec.training.profiles import embed_user_profiles, profile_score_functions
-from llmrec.training.trainer import rerank_score_function, retrieval_score_function
+from llmrec.evaluation import (
+    evaluate_ranking,
+    popularity_scores,
+    profile_score_functions,
+    rerank_score_function,
+    retrieval_score_function,
+    scores_from_candidates,
+)
+from llmrec.finetune import run_finetune
+from llmrec.training.profiles import embed_user_profiles
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = {  # model overrides of each learned system

@@ -29,8 +29,7 @@ import numpy as np
 from llmrec import Recommender
 from llmrec.config import load_config
 from llmrec.data import build_split, load_interaction_data
-from llmrec.evaluation import evaluate_ranking
-from llmrec.training.trainer import rerank_score_function, retrieval_score_function
+from llmrec.evaluation import evaluate_ranking, rerank_score_function, retrieval_score_function
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("bench.long_history")

@@ -4,7 +4,7 @@
 `configs/ml100k.yaml`), ml1m or amazon-beauty (the sequence files in `../shared/data`, `configs/ml1m.yaml`,
 `configs/amazon_beauty.yaml`). Each table carries the published full-ranking figures for its data set.
 
-Every system is judged by `llmrec.evaluation.evaluate_ranking` on the split `eval_results.json` uses
+Every system is judged by `llmrec.evaluation.evaluate_systems` (the evaluation behind `eval_results.json`) on its split
 (leave-one-out by time, full ranking over the catalogue, history removed, ties against the target):
 
 - popularity: training interaction counts;
@@ -47,7 +47,7 @@ import torch
 
 from llmrec.config import load_config
 from llmrec.data import build_split, load_interaction_data
-from llmrec.evaluation import ItemKNN, evaluate_ranking, popularity_scores
+from llmrec.evaluation import ItemKNN, evaluate_systems, popularity_scores
 
 ROOT = Path(__file__).resolve().parent.parent
 LEARNED_SYSTEMS = {  # system -> finetune.py overrides; retrieval-only systems never train the head
@@ -205,8 +205,9 @@ def _baseline(system: str, fit_and_score, args: argparse.Namespace) -> dict:
     return result
 
 
-def _evaluate(score_function, examples, num_items: int, desc: str) -> dict[str, float]:
-    return evaluate_ranking(score_function, examples.histories, examples.targets, num_items, ks=[10, 20, 100], desc=desc)
+def _evaluate(score_function, examples, num_items: int, split_name: str, system: str) -> dict[str, float]:
+    """One system on one split through `evaluate_systems`, the evaluation behind every run's eval_results.json."""
+    return evaluate_systems([(split_name, examples, {system: score_function})], num_items, ks=[10, 20, 100])[split_name][system]
 
 
 def _popularity(split) -> dict:
@@ -214,8 +215,8 @@ def _popularity(split) -> dict:
     scores = popularity_scores(split.item_popularity())
     fit_seconds = time.perf_counter() - fit_start
     return {
-        "valid": _evaluate(scores, split.valid, split.num_items, "valid popularity"),
-        "test": _evaluate(scores, split.test, split.num_items, "test popularity"),
+        "valid": _evaluate(scores, split.valid, split.num_items, "valid", "popularity"),
+        "test": _evaluate(scores, split.test, split.num_items, "test", "popularity"),
         "train_seconds": fit_seconds,
     }
 
@@ -228,7 +229,7 @@ def _itemknn(split, neighbor_grid: list[int], shrinkage_grid: list[float]) -> di
             fit_start = time.perf_counter()
             knn = ItemKNN(num_neighbors or None, shrinkage).fit(split.train_sequences, split.num_items)
             fit_seconds = time.perf_counter() - fit_start
-            valid = _evaluate(knn, split.valid, split.num_items, f"valid {knn!r}")
+            valid = _evaluate(knn, split.valid, split.num_items, "valid", repr(knn))
             grid.append({"num_neighbors": num_neighbors or None, "shrinkage": shrinkage, "valid": valid,
                          "fit_seconds": fit_seconds})
     best = max(grid, key=lambda entry: entry["valid"]["ndcg@10"])
@@ -238,7 +239,7 @@ def _itemknn(split, neighbor_grid: list[int], shrinkage_grid: list[float]) -> di
         "chosen": {"num_neighbors": best["num_neighbors"], "shrinkage": best["shrinkage"],
                    "selected_on": "valid ndcg@10"},
         "valid": best["valid"],
-        "test": _evaluate(knn, split.test, split.num_items, f"test {knn!r}"),
+        "test": _evaluate(knn, split.test, split.num_items, "test", repr(knn)),
         "train_seconds": best["fit_seconds"],
         "grid": grid,
     }

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import ExperimentConfig, load_config
 from .errors import ConfigError, DataError, LlmRecError, ModelFolderError, UnknownItemError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY_ATTRIBUTES = {
     "LlmRecConfig": ".modeling",

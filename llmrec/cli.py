@@ -227,16 +227,15 @@ def command_rerank(arguments: argparse.Namespace) -> int:
 def evaluate_saved_model(recommender: "Recommender", config: "ExperimentConfig", splits: Sequence[str] = SPLITS) -> dict[str, Any]:
     """Popularity / retrieval / rerank metrics of a saved model on the split `config` builds.
 
-    Same data loading, split, score functions and evaluator as `run_finetune`, so on the training config
+    The same data loading, split, systems and `evaluate_systems` as `run_finetune`, so on the training config
     this reproduces eval_results.json. The split's items are mapped onto the model's catalogue by raw id,
     so a model whose catalogue grew (add_items) still ranks over all of its items.
     """
     import numpy as np
 
-    from .data import build_split, load_interaction_data
-    from .evaluation import evaluate_ranking, popularity_scores
+    from .data import EvaluationExamples, build_split, load_interaction_data
+    from .evaluation import candidate_systems, evaluate_systems
     from .retrieval import CandidatePipeline
-    from .training.trainer import rerank_score_function, retrieval_score_function
 
     split = build_split(load_interaction_data(config.data), config.data)
     model_index = {item_id: position + 1 for position, item_id in enumerate(recommender.item_ids)}
@@ -257,24 +256,14 @@ def evaluate_saved_model(recommender: "Recommender", config: "ExperimentConfig",
     pipeline = CandidatePipeline(
         recommender.model, recommender.pipeline.index, config.retrieval.num_candidates, config.retrieval.exclude_history
     )
-    systems = {
-        "popularity": popularity_scores(popularity),
-        "retrieval": retrieval_score_function(pipeline, num_items),
-        "rerank": rerank_score_function(pipeline, num_items),
-    }
-    results: dict[str, Any] = {}
+    systems = candidate_systems(pipeline, popularity, num_items)
+    evaluations = []
     for split_name in splits:
         examples = getattr(split, split_name)
-        histories = [to_model[history].tolist() for history in examples.histories]
-        targets = to_model[examples.targets].tolist()
-        results[split_name] = {
-            name: evaluate_ranking(
-                score_fn, histories, targets, num_items, ks=config.evaluation.ks,
-                batch_size=config.evaluation.batch_size, desc=f"{split_name} {name}",
-            )
-            for name, score_fn in systems.items()
-        }
-    return results
+        mapped = EvaluationExamples(list(examples.user_indices), [to_model[history].tolist() for history in examples.histories],
+                                    to_model[examples.targets].tolist())
+        evaluations.append((split_name, mapped, systems))
+    return evaluate_systems(evaluations, num_items, ks=config.evaluation.ks, batch_size=config.evaluation.batch_size)
 
 
 def command_evaluate(arguments: argparse.Namespace) -> int:

@@ -16,9 +16,12 @@ import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from .errors import HubUploadError, ModelFolderError
+from .model_folder import REQUIRED_FILES, check_folder
 from .modeling import LlmRecConfig
 from .modeling.modeling_llmrec import ENCODER_ADAPTER_FOLDER
+from .utils.integrity import check_links_stay_inside
 from .utils.snapshots import is_hub_repo_id
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +115,6 @@ def render_model_card(
     index_type: str = "IndexFlatIP",
 ) -> ModelCard:
     """A model card with the run's real numbers: metadata header for the Hub, then usage, data, metrics, limits."""
-    from . import __version__
-
     eval_results = eval_results or {}
     training_config = training_config or {}
     base_model = config.encoder_name_or_path or "unknown"
@@ -229,11 +230,9 @@ def push_to_hub(
 ) -> list[str]:
     """Upload a saved model folder to a Hub model repo in one commit; returns the files (uploaded, or that would be).
 
-    The folder must load with `Recommender.from_pretrained` (checked first, so a broken model is never
-    published). With `dry_run` nothing touches the network.
+    The folder must pass the checks `Recommender.from_pretrained` starts with (`check_folder`, every file's
+    checksum included), so a broken model is never published. With `dry_run` nothing touches the network.
     """
-    from .recommender import REQUIRED_FILES, Recommender  # the recommender module imports this one
-
     folder = Path(folder)
     missing = [name for name in (*REQUIRED_FILES, MODEL_CARD_FILE) if not (folder / name).is_file()]
     if missing:
@@ -241,7 +240,8 @@ def push_to_hub(
             f"{folder} is missing {', '.join(missing)}; push the output_dir of a finetune run or a folder written "
             "by Recommender.save_pretrained."
         )
-    Recommender.from_pretrained(folder)
+    check_links_stay_inside(folder, walk=(ENCODER_ADAPTER_FOLDER,))  # a link could upload files from outside it
+    check_folder(folder, verify=True)
     files = files_to_upload(folder)
     if dry_run:
         return files

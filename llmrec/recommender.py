@@ -19,28 +19,24 @@ from transformers import PreTrainedTokenizerBase
 
 from .errors import InvalidRequestError, LlmRecError, ModelFolderError, UnknownItemError
 from .hub import EVAL_RESULTS_FILE, MODEL_CARD_FILE, TRAINING_CONFIG_FILE, push_to_hub, read_run_metadata, render_model_card
-from .modeling import MODEL_FORMAT_VERSION, LlmRecConfig, LlmRecModel, split_histories
+from .model_folder import CATALOGUE_FILE, CONFIG_FILE, INDEX_FILE, REQUIRED_FILES, WEIGHTS_FILE, check_folder
+from .modeling import LlmRecModel, split_histories
 from .modeling.modeling_llmrec import ENCODER_ADAPTER_FOLDER
 from .modeling.precision import cast_encoder_bf16, check_precision, check_quantize, quantize_int8
 from .modeling.text_encoding import embed_item_texts, load_tokenizer
 from .retrieval import CandidatePipeline, ItemIndex, build_item_index
-from .retrieval.index import sidecar_path
 from .serving import (
     MAX_K, ServingState, check_batch_size, check_flag, check_item_ids, check_k, check_rows, id_collection, item_indices,
     ordered_list,
 )
-from .utils.integrity import check_links_stay_inside, find_custom_code, record_checksums, verify_checksums
+from .utils.integrity import check_links_stay_inside, record_checksums
 from .utils.io import CARRYING_MARKER, atomic_write, remove_stale_temporaries, restore_interrupted_replace, write_json_atomic
 from .utils.quiet import quiet_library_progress
 from .utils.snapshots import download_snapshot, is_hub_repo_id
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-CATALOGUE_FILE = "catalogue.parquet"
-INDEX_FILE = "item_index.faiss"
-REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, CATALOGUE_FILE, INDEX_FILE)
 # Written only for some models; an old copy must not outlive a save that no longer writes it.
 _OPTIONAL_OUTPUTS = frozenset({ENCODER_ADAPTER_FOLDER, EVAL_RESULTS_FILE, TRAINING_CONFIG_FILE})
 # What llmrec wrote into folders that predate the `file_checksums` manifest in config.json (the tokenizer's
@@ -265,56 +261,7 @@ class Recommender:
             )
         return download_snapshot(str(path_or_repo_id), revision=revision, token=token, walk=(ENCODER_ADAPTER_FOLDER,))
 
-    @staticmethod
-    def check_folder(folder: Union[str, Path], verify: bool = False) -> None:
-        """Fail early, naming the file, when a model folder is incomplete, from an incompatible llmrec, carries
-        code, or (with `verify`) holds a file whose bytes differ from the checksum recorded when it was saved."""
-        folder = Path(folder)
-        missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-        if missing:
-            raise ModelFolderError(
-                f"Model folder {folder} is missing {', '.join(missing)}; copy the whole folder, or save it again "
-                "with save_pretrained."
-            )
-        code = find_custom_code(folder, walk=(ENCODER_ADAPTER_FOLDER,))
-        if code or (folder / "adapter_config.json").exists():
-            named = ", ".join(str(path) for path in code) or str(folder / "adapter_config.json")
-            raise ModelFolderError(
-                f"Model folder {folder} carries code or a redirect to another model ({named}): `*.py` files, an "
-                "`auto_map` entry, or a top-level adapter_config.json. An llmrec folder never needs them and they are "
-                "never run; remove them, or load a folder written by save_pretrained."
-            )
-        try:
-            config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as error:
-            raise ModelFolderError(f"{folder / CONFIG_FILE} is not valid JSON ({error}); copy or download the folder again.") from error
-        if not isinstance(config, dict):
-            raise ModelFolderError(
-                f"{folder / CONFIG_FILE} holds a JSON {type(config).__name__ if config is not None else 'null'}, not the model's settings; copy or download "
-                "the folder again."
-            )
-        if config.get("model_type") != "llmrec":
-            raise ModelFolderError(
-                f"{folder / CONFIG_FILE} has model_type {config.get('model_type')!r}, not 'llmrec'; this folder holds "
-                "some other model."
-            )
-        version = config.get("format_version")
-        if version != MODEL_FORMAT_VERSION:
-            written_by = config.get("llmrec_version", "an unknown llmrec version")
-            raise ModelFolderError(
-                f"{folder / CONFIG_FILE} has format_version {version} (written by llmrec {written_by}); this llmrec "
-                f"reads format_version {MODEL_FORMAT_VERSION}. Load it with the llmrec version that wrote it, or retrain."
-            )
-        if verify:
-            rebuild = "Rebuild the index with `llmrec index MODEL --rebuild`, or copy or download the folder again."
-            verify_checksums(folder, config, CONFIG_FILE, hints={INDEX_FILE: rebuild, sidecar_path(INDEX_FILE).name: rebuild})
-        try:
-            LlmRecConfig.from_dict(config)
-        except Exception as error:  # our ConfigError for impossible values, or transformers' own checks
-            raise ModelFolderError(
-                f"{folder / CONFIG_FILE} holds an impossible setting ({type(error).__name__}: {str(error)[:300]}); copy "
-                "or download the folder again."
-            ) from error
+    check_folder = staticmethod(check_folder)
 
     @quiet_library_progress()
     def save_pretrained(self, save_directory: Union[str, Path]) -> None:
@@ -329,7 +276,6 @@ class Recommender:
         the target's `config.json`, or for older llmrec folders from llmrec's fixed file names. The save
         holds the lock `add_items` takes, so weights, config and catalogue come from the same moment.
         """
-        from . import __version__
 
         if self.quantize is not None or self.precision != "fp32":
             raise InvalidRequestError(

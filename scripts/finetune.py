@@ -43,7 +43,7 @@ import yaml
 
 from llmrec.config import load_config
 from llmrec.errors import ConfigError, LlmRecError
-from llmrec.training import run_finetune
+from llmrec.finetune import run_finetune
 
 
 def main(argv: list[str] | None = None) -> int:

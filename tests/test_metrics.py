@@ -214,6 +214,29 @@ def test_batching_does_not_change_results():
     assert {key: value for key, value in one_batch.items() if key != "num_users"} == direct
 
 
+def test_a_score_function_that_takes_positions_is_paired_by_position_in_every_pass():
+    generator = torch.Generator().manual_seed(1)
+    num_items, num_users = 30, 23
+    user_scores = torch.randn(num_users, num_items + 1, generator=generator)
+    histories = [[1 + (user % num_items)] * (user % 4) for user in range(num_users)]  # lengths differ: no length order
+    targets = [1 + ((user * 7) % num_items) for user in range(num_users)]
+    seen = []
+
+    def by_position(batch_histories, positions):
+        seen.append([int(position) for position in positions])
+        assert batch_histories == [histories[position] for position in positions]
+        return user_scores[torch.as_tensor(positions)]
+
+    by_position.takes_positions = True
+    exclude = torch.zeros(num_users, num_items + 1, dtype=torch.bool)
+    for row, history in enumerate(histories):
+        exclude[row, history] = True
+    direct = {**ranking_metrics(target_ranks(user_scores, torch.tensor(targets), exclude), ks=(5, 10)), "num_users": num_users}
+    for batch_size in (4, 4, 100):  # the same function twice, then in one batch
+        assert evaluate_ranking(by_position, histories, targets, num_items, ks=(5, 10), batch_size=batch_size) == direct
+    assert seen[0] == list(range(4))  # input order, not length order
+
+
 def test_evaluate_ranking_checks_shapes():
     with pytest.raises(ValueError, match="pair up"):
         evaluate_ranking(lambda h: torch.zeros(len(h), 4), [[1]], [1, 2], num_items=3)

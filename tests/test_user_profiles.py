@@ -211,6 +211,28 @@ def test_profile_only_cold_user_gets_the_planted_genre_from_the_saved_model(prof
         assert in_genre >= 8, (split.user_ids[user], recommended)
 
 
+def test_profile_evaluation_reproduces_the_run_and_can_run_twice(profile_run):
+    """evaluate_systems on the saved model gives the run's cold-user metrics, and a second pass gives them again:
+    the profile scorers pair each history with its profile by position, not by a cursor good for one pass."""
+    from llmrec.evaluation import evaluate_systems, split_evaluations
+    from llmrec.training.profiles import embed_user_profiles
+
+    config, split, results = profile_run
+    recommender = Recommender.from_pretrained(config.output_dir)
+    embeddings, has_profile = embed_user_profiles(recommender.model, recommender.tokenizer, split.user_profiles,
+                                                  config.training.encode_batch_size)
+    evaluations = [evaluation for evaluation in split_evaluations(split, recommender.pipeline, split.item_popularity(),
+                                                                  embeddings, has_profile)
+                   if evaluation[0] in ("cold_test_with_profile", "cold_test_profile_only")]
+    settings = {"ks": config.evaluation.ks, "batch_size": 3}  # several batches per pass
+    first = evaluate_systems(evaluations, split.num_items, **settings)
+    assert list(first) == ["cold_test_with_profile", "cold_test_profile_only"]
+    assert evaluate_systems(evaluations, split.num_items, **settings) == first
+    for name, systems in first.items():
+        for system, metrics in systems.items():
+            assert metrics == pytest.approx(results[name][system], abs=1e-6), (name, system)
+
+
 def test_profiles_on_without_profile_texts_fails_before_training(planted_data_dir, tiny_encoder_dir, tmp_path):
     config = _profile_config(planted_data_dir, tiny_encoder_dir, tmp_path / "run", tmp_path / "unused.csv")
     config.data.users_file = None

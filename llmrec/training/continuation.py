@@ -12,20 +12,31 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import datasets
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from ..config import ExperimentConfig
 from ..data import InteractionData, SequentialSplit
-from ..errors import ConfigError, ModelFolderError
+from ..errors import ConfigError
 from ..modeling import LlmRecModel
 from ..modeling.encoders import portable_encoder_name
 from ..modeling.text_encoding import embed_item_texts
-from ..recommender import Recommender
 
 logger = logging.getLogger(__name__)
+
+
+class SavedModel(Protocol):
+    """The saved model a run continues: a `Recommender` loaded from `training.init_from` (`llmrec.finetune`
+    opens it, since loading a folder is the recommender's job, above training)."""
+
+    model: LlmRecModel
+    tokenizer: PreTrainedTokenizerBase
+    item_ids: tuple[str, ...]
+    item_texts: tuple[str, ...]
+
 
 # Model settings that shape the weights or the meaning of the saved item vectors: the config must ask for
 # the folder's values. The others (id_dropout, exclude_unseen_items_from_loss, similarity_temperature) are
@@ -127,15 +138,6 @@ def _lora_differences(folder: Path, saved: dict[str, Any], config: ExperimentCon
     return problems
 
 
-def load_init_folder(config: ExperimentConfig) -> Recommender:
-    """The saved model to continue (checked: every file's checksum, weights against config.json)."""
-    folder = Path(config.training.init_from).expanduser()
-    try:
-        return Recommender.from_pretrained(folder)
-    except ModelFolderError as error:
-        raise ModelFolderError(f"training.init_from {folder} cannot be loaded: {error}") from None
-
-
 def align_catalogue(data: InteractionData, saved_item_ids: tuple[str, ...], saved_item_texts: tuple[str, ...]) -> InteractionData:
     """`data` with its items table in the saved model's order first, then the items new to it.
 
@@ -160,7 +162,7 @@ def align_catalogue(data: InteractionData, saved_item_ids: tuple[str, ...], save
 
 
 def grow_for_split(
-    saved: Recommender, split: SequentialSplit, config: ExperimentConfig, device: torch.device,
+    saved: SavedModel, split: SequentialSplit, config: ExperimentConfig, device: torch.device,
     precision: str = "fp32",
 ) -> LlmRecModel:
     """The saved model, grown to the split's catalogue (from `align_catalogue`) and ready to train.

@@ -1,4 +1,8 @@
-"""One fine-tuning run from config to saved model, index and `eval_results.json`."""
+"""Training one model from a config: checks, data, a new or continued model, both stages and the profile fit.
+
+`llmrec.finetune.run_finetune` runs this, then evaluates and saves the model folder; it is importable from here
+too, its old home (`llmrec.training.pipeline.run_finetune`).
+"""
 
 from __future__ import annotations
 
@@ -6,29 +10,36 @@ import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..config import ConfigError, ExperimentConfig
-from ..data import EvaluationExamples, InteractionData, SequentialSplit, build_split, load_interaction_data
-from ..evaluation import evaluate_ranking, popularity_scores
-from ..evaluation.evaluator import ScoreFunction
+from ..data import InteractionData, SequentialSplit, build_split, load_interaction_data
 from ..modeling import LlmRecModel
 from ..modeling.text_encoding import encode_catalogue, tokenize_item_texts
-from ..recommender import Recommender
-from ..retrieval import CandidatePipeline
 from ..utils.snapshots import is_hub_repo_id
-from .continuation import align_catalogue, grow_for_split, load_init_folder
+from .continuation import SavedModel, align_catalogue, grow_for_split
 from .preflight import preflight
-from .profiles import embed_user_profiles, fit_user_profiles, profile_score_functions
-from .trainer import LlmRecTrainer, find_checkpoint, rerank_score_function, retrieval_score_function
+from .profiles import embed_user_profiles, fit_user_profiles
+from .trainer import LlmRecTrainer, find_checkpoint
 
 logger = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    """`run_finetune`'s old home: it trains, evaluates and saves, so it now lives above evaluation."""
+    if name == "run_finetune":
+        from ..finetune import run_finetune
+
+        return run_finetune
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_encoder_path() -> str:
@@ -78,27 +89,38 @@ def set_cpu_threads(requested: Optional[int], local_processes: int) -> int:
     return threads
 
 
-def run_finetune(
+@dataclass
+class TrainingSetup:
+    """What a run settles before any data is read: the encoder, the checkpoint to resume, the accelerator."""
+
+    encoder_path: str
+    checkpoint: Optional[Path]
+    accelerator: Accelerator
+    resume_ignore_rng: bool = False
+
+
+@dataclass
+class TrainedModel:
+    """A trained model with what its evaluation and its saved folder need."""
+
+    split: SequentialSplit
+    tokenizer: PreTrainedTokenizerBase
+    model: LlmRecModel  # unwrapped from the accelerator
+    trainer: LlmRecTrainer
+    popularity: np.ndarray  # training interaction counts, entry 0 = padding
+    best_valid_epochs: dict[str, Optional[int]]
+    timings: dict[str, float] = field(default_factory=dict)
+    profile_embeddings: Optional[torch.Tensor] = None  # with model.use_user_profiles: one row per user
+    has_profile: Optional[torch.Tensor] = None
+    profile_losses: Optional[list[float]] = None
+
+
+def prepare_training(
     config: ExperimentConfig, resume_from: Optional[str] = None, resume_ignore_rng: bool = False
-) -> dict[str, Any]:
-    """Train both stages, evaluate popularity / retrieval / rerank, and save everything to `output_dir`.
-
-    `resume_from` continues an interrupted run from a checkpoint folder, or from the most advanced one in
-    `<output_dir>/checkpoints` if it is "latest" (the newest intact one; a broken one is skipped with a warning);
-    the config must match the checkpoint's (ConfigError otherwise). Random states that cannot be restored are a
-    ConfigError too, since the run would then not reproduce an uninterrupted one, unless `resume_ignore_rng`.
-
-    With `training.init_from`, training continues the saved model in that folder on this data instead of
-    starting from the bare encoder (`continuation`: its items keep their indices, new items are added).
-
-    With `model.use_user_profiles`, the profile projection is fitted after both stages (towers and head
-    frozen, `training.profile_*`) on the users' profile texts, and a split with cold examples is evaluated
-    three ways: `cold_test` (their history alone, as without profiles), `cold_test_with_profile` (history +
-    profile) and, for `cold_users`, `cold_test_profile_only` (the cold users that have a profile, no history).
-    """
-    started = time.perf_counter()
+) -> TrainingSetup:
+    """Check the config, the encoder and the checkpoint to resume, so that a mistake fails before any data is
+    loaded; then set up the accelerator, the seed and the CPU threads."""
     settings = config.training
-    # Before any data is loaded, so a bad setting or a missing or mismatched checkpoint fails at once.
     encoder_path = resolve_encoder(config)
     preflight(config, encoder_path)
     checkpoint = None
@@ -113,99 +135,57 @@ def run_finetune(
     if accelerator.device.type == "cpu":
         threads = set_cpu_threads(settings.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
         logger.info("Training on CPU with %d thread(s) per process, %d process(es).", threads, accelerator.num_processes)
-    output_dir = Path(config.output_dir)
-    timings: dict[str, float] = {}
+    return TrainingSetup(encoder_path, checkpoint, accelerator, resume_ignore_rng)
 
+
+def train_model(config: ExperimentConfig, setup: TrainingSetup, saved: Optional[SavedModel] = None) -> TrainedModel:
+    """Data, the model (new, or `saved` grown to the data's catalogue), both stages and the profile fit."""
+    accelerator = setup.accelerator
     stage_start = time.perf_counter()
-    saved = load_init_folder(config) if settings.init_from is not None else None
-    data = load_interaction_data(config.data)
-    if saved is not None:  # the saved model's items keep their indices; new ones follow
-        data = align_catalogue(data, saved.item_ids, saved.item_texts)
-    split = build_split(data, config.data)
-    if config.model.use_user_profiles:
-        _require_profiles(data, split)
-    timings["data_seconds"] = time.perf_counter() - stage_start
-    logger.info("Data: %d users, %d items, %d valid / %d test users.", len(split.user_ids), split.num_items, len(split.valid), len(split.test))
+    split = load_split(config, saved)
+    timings = {"data_seconds": time.perf_counter() - stage_start}
 
     stage_start = time.perf_counter()
     popularity = split.item_popularity()
-    precision = "bf16" if settings.mixed_precision == "bf16" else "fp32"
+    precision = "bf16" if config.training.mixed_precision == "bf16" else "fp32"
     if saved is not None:
         tokenizer = saved.tokenizer
         model = grow_for_split(saved, split, config, accelerator.device, precision)
         tokenized_items = tokenize_item_texts(tokenizer, split.item_texts, config.model.max_text_length)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(encoder_path, trust_remote_code=False)
-        model, tokenized_items = _new_model(config, encoder_path, split, tokenizer, accelerator, precision)
+        tokenizer = AutoTokenizer.from_pretrained(setup.encoder_path, trust_remote_code=False)
+        model, tokenized_items = _new_model(config, setup.encoder_path, split, tokenizer, accelerator, precision)
     if config.lora is not None and not model.has_encoder_adapter:  # a LoRA-tuned saved model goes on with its adapter
         add_lora(model, config)
-    if settings.gradient_checkpointing:
+    if config.training.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     timings["item_encoding_seconds"] = time.perf_counter() - stage_start
 
-    trainer = LlmRecTrainer(
-        model, split, config, accelerator, tokenized_items, resume_from=checkpoint, resume_ignore_rng=resume_ignore_rng
-    )
+    trainer = LlmRecTrainer(model, split, config, accelerator, tokenized_items, resume_from=setup.checkpoint,
+                            resume_ignore_rng=setup.resume_ignore_rng)
     best_retrieval = trainer.train_retrieval()
     best_rerank = trainer.train_reranker()
     timings.update(trainer.timings)
-    model = accelerator.unwrap_model(trainer.model)
-    profile_embeddings = has_profile = profile_losses = None
+    trained = TrainedModel(split, tokenizer, accelerator.unwrap_model(trainer.model), trainer, popularity,
+                           {"retrieval": best_retrieval.get("epoch"), "rerank": best_rerank.get("epoch")}, timings)
     if config.model.use_user_profiles:
         stage_start = time.perf_counter()
-        profile_embeddings, has_profile, profile_losses = _fit_profiles(model, tokenizer, split, config)
+        trained.profile_embeddings, trained.has_profile, trained.profile_losses = _fit_profiles(
+            trained.model, tokenizer, split, config)
         timings["profile_training_seconds"] = time.perf_counter() - stage_start
+    return trained
 
-    stage_start = time.perf_counter()
-    pipeline = trainer.candidate_pipeline(serving_index=True)
-    systems = {
-        "popularity": popularity_scores(popularity),
-        "retrieval": retrieval_score_function(pipeline, split.num_items),
-        "rerank": rerank_score_function(pipeline, split.num_items),
-    }
-    results: dict[str, Any] = {}
-    evaluated = [("valid", split.valid, systems), ("test", split.test, systems)]
-    if len(split.cold_test):  # cold_items / cold_users splits: the held-out items' or users' examples
-        evaluated.append(("cold_test", split.cold_test, systems))
-        if profile_embeddings is not None:
-            evaluated += _profile_evaluations(split, pipeline, systems["popularity"], profile_embeddings, has_profile)
-    for split_name, examples, scorers in evaluated:
-        results[split_name] = {
-            name: evaluate_ranking(
-                score_fn, examples.histories, examples.targets, split.num_items, ks=config.evaluation.ks,
-                batch_size=config.evaluation.batch_size, desc=f"{split_name} {name}", accelerator=accelerator,
-            )
-            for name, score_fn in scorers.items()
-        }
-        for name, metrics in results[split_name].items():
-            logger.info("%s %-10s %s", split_name, name, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    timings["evaluation_seconds"] = time.perf_counter() - stage_start
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        timings["total_seconds"] = time.perf_counter() - started  # up to saving, which records these numbers
-        results.update(
-            {
-                "best_valid_epochs": {"retrieval": best_retrieval.get("epoch"), "rerank": best_rerank.get("epoch")},
-                **({"profile_training_losses": profile_losses} if profile_losses is not None else {}),
-                "timings": timings,
-                "num_processes": accelerator.num_processes,
-                **({"init_from": {"folder": str(settings.init_from), "items_kept": len(saved.item_ids),
-                                  "items_added": split.num_items - len(saved.item_ids)}} if saved is not None else {}),
-                "config": config.to_dict(),
-            }
-        )
-        # One atomic folder: model (a LoRA-tuned encoder as its adapter), index, eval_results.json,
-        # config.yaml and the model card rendered from them.
-        recommender = Recommender(
-            model.cpu(), tokenizer, split.item_ids, split.item_texts, popularity[1:], index=pipeline.index,
-            eval_results=results, training_config=config.to_dict(),
-        )
-        recommender.save_pretrained(output_dir)
-        logger.info("Saved model, index, model card and eval_results.json to %s.", output_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return results
+def load_split(config: ExperimentConfig, saved: Optional[SavedModel] = None) -> SequentialSplit:
+    """The config's data split; continuing `saved`, its items keep their indices and new ones follow."""
+    data = load_interaction_data(config.data)
+    if saved is not None:
+        data = align_catalogue(data, saved.item_ids, saved.item_texts)
+    split = build_split(data, config.data)
+    if config.model.use_user_profiles:
+        _require_profiles(data, split)
+    logger.info("Data: %d users, %d items, %d valid / %d test users.", len(split.user_ids), split.num_items, len(split.valid), len(split.test))
+    return split
 
 
 def _new_model(
@@ -259,26 +239,3 @@ def _fit_profiles(
                                learning_rate=settings.profile_learning_rate, batch_size=settings.retrieval_batch_size,
                                seed=settings.seed)
     return embeddings, has_profile, losses
-
-
-def _profile_evaluations(
-    split: SequentialSplit, pipeline: CandidatePipeline, popularity: ScoreFunction, embeddings: torch.Tensor,
-    has_profile: torch.Tensor,
-) -> list[tuple[str, EvaluationExamples, dict[str, ScoreFunction]]]:
-    """The cold examples with each user's profile added, and (cold_users) the profile alone."""
-    cold = split.cold_test
-    rows = torch.as_tensor(cold.user_indices, dtype=torch.long)
-    evaluations = [("cold_test_with_profile", cold, {
-        "popularity": popularity, **profile_score_functions(pipeline, embeddings[rows], has_profile[rows], split.num_items)})]
-    if not split.cold_user_indices:
-        return evaluations
-    keep = [position for position, user in enumerate(cold.user_indices) if has_profile[user]]
-    if not keep:
-        logger.warning("No cold user has a profile; cold_test_profile_only is not evaluated.")
-        return evaluations
-    profile_only = EvaluationExamples([cold.user_indices[position] for position in keep], [[] for _ in keep],
-                                      [cold.targets[position] for position in keep])
-    rows = torch.as_tensor(profile_only.user_indices, dtype=torch.long)
-    evaluations.append(("cold_test_profile_only", profile_only, {
-        "popularity": popularity, **profile_score_functions(pipeline, embeddings[rows], has_profile[rows], split.num_items)}))
-    return evaluations

@@ -12,15 +12,13 @@ with a profile and a training sequence gives two examples per epoch:
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..evaluation import scores_from_candidates
-from ..modeling import LlmRecModel, pad_histories, split_histories
+from ..modeling import LlmRecModel, pad_histories
 from ..modeling.text_encoding import embed_item_texts
-from ..retrieval import CandidatePipeline
 from .examples import collate_next_item
 
 logger = logging.getLogger(__name__)
@@ -93,46 +91,6 @@ def embed_user_profiles(
     embeddings = embed_item_texts(model, tokenizer, texts, batch_size)
     has_profile = torch.tensor([profile is not None for profile in profiles], dtype=torch.bool)
     return embeddings, has_profile
-
-
-def profile_score_functions(
-    pipeline: CandidatePipeline, profile_embeddings: torch.Tensor, has_profile: torch.Tensor, num_items: int
-) -> dict[str, Callable[[list[list[int]]], torch.Tensor]]:
-    """Retrieval and rerank score functions, as `retrieval_score_function` / `rerank_score_function`, for users
-    who also have a profile: row i of `profile_embeddings` belongs to the i-th history scored.
-
-    Each function follows the histories' order with a cursor, and says so (`scores_in_input_order`), so
-    `evaluate_ranking` scores them in order rather than by length; it serves one evaluation pass (a second
-    one fails instead of pairing the wrong profiles).
-    """
-    if len(profile_embeddings) != len(has_profile):
-        raise ValueError(f"{len(profile_embeddings)} profile embeddings but {len(has_profile)} has_profile flags.")
-
-    def make(stage: str) -> Callable[[list[list[int]]], torch.Tensor]:
-        position = 0
-
-        @torch.inference_mode()
-        def score(histories: list[list[int]]) -> torch.Tensor:
-            nonlocal position
-            end = position + len(histories)
-            if end > len(profile_embeddings):
-                raise ValueError(f"Scored {end} histories with {len(profile_embeddings)} profiles; build new score "
-                                 "functions for each evaluation pass.")
-            device = pipeline.device
-            window, older = split_histories(histories, pipeline.model.config.max_history_length, device)
-            users = pipeline.model.encode_users(window, pipeline.item_embeddings, profile_embeddings[position:end].to(device),
-                                                has_profile[position:end].to(device), older)[:, -1]
-            position = end
-            candidate_scores, candidates = pipeline.retrieve(histories, user_embeddings=users)
-            if stage == "rerank":
-                candidate_scores, _ = pipeline.rerank(histories, candidates, user_embeddings=users)
-                candidate_scores = candidate_scores.float().cpu()
-            return scores_from_candidates(torch.as_tensor(candidates), torch.as_tensor(candidate_scores), num_items)
-
-        score.scores_in_input_order = True
-        return score
-
-    return {"retrieval": make("retrieval"), "rerank": make("rerank")}
 
 
 def _history_loss(

@@ -40,13 +40,14 @@ from tqdm.auto import tqdm
 from ..config import ExperimentConfig, resumable_settings
 from ..data import SequentialSplit
 from ..errors import ConfigError
-from ..evaluation import evaluate_ranking, scores_from_candidates
 from ..modeling import LlmRecModel, split_histories
 from ..modeling.text_encoding import encode_catalogue
 from ..retrieval import CandidatePipeline, build_item_index
 from ..utils.io import atomic_write, write_json_atomic
 from ..utils.length_order import length_sorted_batches
 from .examples import RerankExample, collate_next_item, collate_rerank, next_item_windows, rerank_prefixes
+# retrieval_score_function is imported for its old path, llmrec.training.trainer.retrieval_score_function.
+from .ranking import evaluate_ranking, rerank_score_function, retrieval_score_function  # noqa: F401
 from .samplers import LengthGroupedBatchSampler, NegativeSampler, derived_seed
 
 logger = logging.getLogger(__name__)
@@ -781,26 +782,6 @@ class LlmRecTrainer:
             self.split.num_items, ks=self.config.evaluation.ks, batch_size=self.config.evaluation.batch_size,
             desc="valid rerank", accelerator=self.accelerator,
         )
-
-
-def retrieval_score_function(pipeline: CandidatePipeline, num_items: int) -> Callable:
-    """FAISS top-N as a full-catalogue score row (-inf outside the candidates)."""
-
-    def score(histories):
-        candidate_scores, candidate_indices = pipeline.retrieve(histories)
-        return scores_from_candidates(torch.as_tensor(candidate_indices), torch.as_tensor(candidate_scores), num_items)
-
-    return score
-
-
-def rerank_score_function(pipeline: CandidatePipeline, num_items: int) -> Callable:
-    """FAISS top-N reranked by the head; an item the retriever missed stays at -inf, i.e. a miss."""
-
-    def score(histories):
-        candidate_indices, candidate_scores = pipeline.retrieve_and_rerank(histories)
-        return scores_from_candidates(torch.as_tensor(candidate_indices), candidate_scores.cpu(), num_items)
-
-    return score
 
 
 def _format(metrics: dict[str, float]) -> str:
