@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -227,3 +228,40 @@ def test_encoding_from_disk_runs_batch_by_batch_and_matches(tmp_path, tiny_encod
     assert max(batch_rows) <= 4 and sum(batch_rows) == 23
     with pytest.raises(ValueError, match="one row per tokenised item"):
         embed_tokenized_items(model, on_disk, out=torch.zeros(3, 3), show_progress=False)
+
+
+def test_finetune_tokenises_a_large_catalogue_to_disk_with_the_same_results(
+    tmp_path, monkeypatch, planted_data_dir, tiny_encoder_dir
+):
+    """Above the threshold `run_finetune` streams token ids from memory-mapped files, and trains to the same
+    numbers as with them in memory; the temporary folder is gone afterwards."""
+    import tempfile
+
+    from conftest import tiny_overrides
+
+    from llmrec.finetune import run_finetune
+    from llmrec.training import pipeline
+
+    def short_run(name: str) -> dict:
+        overrides = tiny_overrides(planted_data_dir, tiny_encoder_dir, tmp_path / name)
+        overrides["training"].update(retrieval_epochs=2, rerank_epochs=1)
+        results = run_finetune(load_config(overrides=overrides))
+        return {split: results[split] for split in ("valid", "test")}
+
+    in_memory = short_run("memory")
+    folders = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def recording_mkdtemp(*args, **kwargs):
+        folders.append(real_mkdtemp(*args, **kwargs))
+        return folders[-1]
+
+    monkeypatch.setattr(pipeline, "DISK_TOKENIZATION_MIN_ITEMS", 1)
+    monkeypatch.setattr(pipeline.tempfile, "mkdtemp", recording_mkdtemp)
+    from_disk = short_run("disk")
+    assert len(folders) == 1 and "llmrec-tokens-" in folders[0]
+    import gc
+
+    gc.collect()
+    assert not Path(folders[0]).exists(), "the temporary token folder was left behind"
+    assert from_disk == in_memory

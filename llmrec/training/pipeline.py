@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from ..config import ConfigError, ExperimentConfig
 from ..data import InteractionData, SequentialSplit, build_split, load_interaction_data
 from ..modeling import LlmRecModel
-from ..modeling.text_encoding import encode_catalogue, tokenize_item_texts
+from ..modeling.text_encoding import encode_catalogue, tokenize_item_texts, tokenize_item_texts_to_disk
 from ..utils.snapshots import is_hub_repo_id
 from .continuation import SavedModel, align_catalogue, grow_for_split
 from .preflight import preflight
@@ -31,6 +34,10 @@ from .profiles import embed_user_profiles, fit_user_profiles
 from .trainer import LlmRecTrainer, find_checkpoint
 
 logger = logging.getLogger(__name__)
+
+# From this many items on, the catalogue's token ids go to memory-mapped files instead of memory: tokenising a
+# million texts in one call holds a million Python-side encodings at once (gigabytes). Below it, memory is faster.
+DISK_TOKENIZATION_MIN_ITEMS = 100_000
 
 
 def __getattr__(name: str) -> Any:
@@ -151,7 +158,7 @@ def train_model(config: ExperimentConfig, setup: TrainingSetup, saved: Optional[
     if saved is not None:
         tokenizer = saved.tokenizer
         model = grow_for_split(saved, split, config, accelerator.device, precision)
-        tokenized_items = tokenize_item_texts(tokenizer, split.item_texts, config.model.max_text_length)
+        tokenized_items = tokenize_catalogue(tokenizer, split.item_texts, config.model.max_text_length)
     else:
         tokenizer = AutoTokenizer.from_pretrained(setup.encoder_path, trust_remote_code=False)
         model, tokenized_items = _new_model(config, setup.encoder_path, split, tokenizer, accelerator, precision)
@@ -174,6 +181,24 @@ def train_model(config: ExperimentConfig, setup: TrainingSetup, saved: Optional[
             trained.model, tokenizer, split, config)
         timings["profile_training_seconds"] = time.perf_counter() - stage_start
     return trained
+
+
+def tokenize_catalogue(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+) -> dict[str, torch.Tensor]:
+    """Every item text's token ids, as `tokenize_item_texts` gives them; a large catalogue's stream from disk.
+
+    From `DISK_TOKENIZATION_MIN_ITEMS` items on they are written chunk by chunk to a private temporary folder
+    and memory-mapped, so encoding and training read each batch's rows from disk (same values). The folder is
+    removed when the tensors are no longer used, or at exit.
+    """
+    if len(texts) < DISK_TOKENIZATION_MIN_ITEMS:
+        return tokenize_item_texts(tokenizer, texts, max_length)
+    folder = Path(tempfile.mkdtemp(prefix="llmrec-tokens-"))
+    logger.info("Tokenising %d item texts to memory-mapped files in %s.", len(texts), folder)
+    tokenized = tokenize_item_texts_to_disk(tokenizer, texts, max_length, folder)
+    weakref.finalize(tokenized["input_ids"], shutil.rmtree, folder, ignore_errors=True)
+    return tokenized
 
 
 def load_split(config: ExperimentConfig, saved: Optional[SavedModel] = None) -> SequentialSplit:
@@ -201,7 +226,7 @@ def _new_model(
         encoder_path, num_items=split.num_items, num_candidates=config.retrieval.num_candidates, **model_settings
     ).to(accelerator.device)
     model.warm_items.copy_(torch.as_tensor(split.item_popularity() > 0))
-    tokenized_items = tokenize_item_texts(tokenizer, split.item_texts, config.model.max_text_length)
+    tokenized_items = tokenize_catalogue(tokenizer, split.item_texts, config.model.max_text_length)
     encode_catalogue(
         model, tokenized_items, config.training.encode_batch_size, show_progress=accelerator.is_local_main_process,
         precision=precision, accelerator=accelerator,
