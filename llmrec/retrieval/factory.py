@@ -189,3 +189,29 @@ def bytes_per_vector(index: faiss.Index) -> float:
     """Serialized size over the item count (codes, ids, lists and quantizers), what a saved folder pays per item."""
     index = merged_index(index)
     return len(faiss.serialize_index(index)) / max(1, index.ntotal)
+
+
+def rescore_exactly(
+    queries: np.ndarray, candidate_rows: np.ndarray, vectors: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top `k` of each query's candidates by exact inner product with `vectors` (rows -1: no candidate).
+
+    Compressed codes (PQ) bound an index's recall however many lists it probes; re-scoring a few times `k`
+    of its candidates with the full vectors lifts it to what the candidate set holds. `vectors` may be a
+    memory-mapped array (only the candidates' rows are read) or a table a caller already keeps, such as the
+    item embeddings a serving pipeline holds for its reranker, so the index itself stays small.
+    """
+    rows = np.asarray(candidate_rows, dtype=np.int64)
+    present = rows >= 0
+    gathered = np.asarray(vectors[np.where(present, rows, 0).ravel()], dtype=np.float32).reshape(*rows.shape, -1)
+    scores = np.einsum("qcd,qd->qc", gathered, np.asarray(queries, dtype=np.float32))
+    scores[~present] = -np.inf
+    k = min(k, rows.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    top_rows = np.take_along_axis(rows, top, axis=1)
+    top_scores = np.take_along_axis(top_scores, order, axis=1)
+    top_rows[~np.isfinite(top_scores)] = -1
+    return top_scores, top_rows
