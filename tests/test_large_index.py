@@ -126,3 +126,21 @@ def test_config_fields_go_together():
                    RetrievalSettings(index_shards=0), RetrievalSettings(index_type="hnsw", index_shards=2)):
         with pytest.raises(ConfigError, match="retrieval.index"):
             broken.validate()
+
+
+def test_rescore_exactly_ranks_candidates_by_their_full_vectors():
+    """Re-scoring keeps the exact top k of the candidates (not of the catalogue), best first, and skips -1 rows."""
+    from llmrec.retrieval.factory import rescore_exactly
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((50, 8)).astype(np.float32)
+    queries = rng.standard_normal((3, 8)).astype(np.float32)
+    candidates = np.stack([rng.permutation(50)[:10] for _ in range(3)])
+    candidates[1, 4:] = -1  # an index that came back short
+    scores, rows = rescore_exactly(queries, candidates, vectors, k=5)
+    for query, wanted, got_rows, got_scores in zip(queries, candidates, rows, scores):
+        present = wanted[wanted >= 0]
+        exact = present[np.argsort(-(vectors[present] @ query), kind="stable")][:5]
+        assert got_rows[: len(exact)].tolist() == exact.tolist()
+        np.testing.assert_allclose(got_scores[: len(exact)], vectors[exact] @ query, rtol=1e-6)
+        assert (got_rows[len(exact):] == -1).all()
