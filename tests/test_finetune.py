@@ -138,6 +138,29 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, planted_data_dir, tiny_en
     assert results["num_processes"] == 2
 
 
+@pytest.mark.slow
+def test_fsdp_config_runs_lora_on_cpu_as_ddp(tmp_path, planted_data_dir, tiny_encoder_dir):
+    """The shipped FSDP config (LoRA, BertLayer wrapping) runs on CPU with the three overrides torch needs
+    there (no rank-0 sync, no rank-0-only loading, no bf16). Accelerate turns FSDP on only for GPUs and other
+    accelerators, so on CPU it trains as DDP over gloo (MULTI_CPU): this checks the config and the LoRA path
+    under 2 processes, not FSDP's sharding, which needs a GPU."""
+    overrides = tiny_overrides(planted_data_dir, tiny_encoder_dir, tmp_path / "fsdp")
+    overrides["training"].update({"retrieval_epochs": 2, "rerank_epochs": 1, "num_sampled_negatives": 16})
+    overrides["lora"] = {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}
+    completed = _run_script(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/fsdp.yaml"),
+         "--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false", "--mixed_precision", "no",
+         "scripts/finetune.py"],
+        tmp_path,
+        overrides,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = assert_run_outputs(tmp_path / "fsdp")
+    assert results["num_processes"] == 2
+    assert "2 process(es), MULTI_CPU." in completed.stderr
+    assert (tmp_path / "fsdp" / "encoder_adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_script_reports_config_errors_without_traceback(tmp_path):
     completed = subprocess.run(
         [sys.executable, "scripts/finetune.py", "--training.retrieval_epoch", "1"],

@@ -141,7 +141,8 @@ def prepare_training(
     set_seed(settings.seed)
     if accelerator.device.type == "cpu":
         threads = set_cpu_threads(settings.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
-        logger.info("Training on CPU with %d thread(s) per process, %d process(es).", threads, accelerator.num_processes)
+        logger.info("Training on CPU with %d thread(s) per process, %d process(es), %s.", threads,
+                    accelerator.num_processes, accelerator.distributed_type.value)
     return TrainingSetup(encoder_path, checkpoint, accelerator, resume_ignore_rng)
 
 
