@@ -122,42 +122,42 @@ def test_script_with_cli_overrides(tmp_path, planted_data_dir, tiny_encoder_dir)
     assert results["config"]["training"]["rerank_epochs"] == 1
 
 
-@pytest.mark.slow
-def test_accelerate_launch_two_cpu_processes(tmp_path, planted_data_dir, tiny_encoder_dir):
-    overrides = tiny_overrides(planted_data_dir, tiny_encoder_dir, tmp_path / "ddp")
-    overrides["training"].update({"retrieval_epochs": 3, "rerank_epochs": 2})
+def _launch_two_processes(launch_config: str, launch_flags: list[str], tmp_path: Path, overrides: dict) -> None:
+    """`accelerate launch` a shipped launch config on CPU; the run must finish, complete and consistent, with 2
+    processes, which Accelerate runs as DDP over gloo (MULTI_CPU) when no GPU is present."""
     completed = _run_script(
-        # The shipped launch config: torchrun with 2 processes, which llmrec runs over gloo when no GPU is present.
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_ddp.yaml"),
-         "scripts/finetune.py"],
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate" / launch_config),
+         *launch_flags, "scripts/finetune.py"],
         tmp_path,
         overrides,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    results = assert_run_outputs(tmp_path / "ddp")
-    assert results["num_processes"] == 2
+    assert assert_run_outputs(Path(overrides["output_dir"]))["num_processes"] == 2
+    assert "2 process(es), MULTI_CPU." in completed.stderr
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tmp_path, planted_data_dir, tiny_encoder_dir):
+    overrides = tiny_overrides(planted_data_dir, tiny_encoder_dir, tmp_path / "ddp")
+    overrides["training"].update({"retrieval_epochs": 3, "rerank_epochs": 2})
+    _launch_two_processes("cpu_ddp.yaml", [], tmp_path, overrides)
 
 
 @pytest.mark.slow
 def test_fsdp_config_runs_lora_on_cpu_as_ddp(tmp_path, planted_data_dir, tiny_encoder_dir):
     """The shipped FSDP config (LoRA, BertLayer wrapping) runs on CPU with the three overrides torch needs
     there (no rank-0 sync, no rank-0-only loading, no bf16). Accelerate turns FSDP on only for GPUs and other
-    accelerators, so on CPU it trains as DDP over gloo (MULTI_CPU): this checks the config and the LoRA path
-    under 2 processes, not FSDP's sharding, which needs a GPU."""
+    accelerators, so on CPU it trains as DDP over gloo: this checks the config and the LoRA path under 2
+    processes, not FSDP's sharding, which needs a GPU."""
     overrides = tiny_overrides(planted_data_dir, tiny_encoder_dir, tmp_path / "fsdp")
     overrides["training"].update({"retrieval_epochs": 2, "rerank_epochs": 1, "num_sampled_negatives": 16})
     overrides["lora"] = {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}
-    completed = _run_script(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/fsdp.yaml"),
-         "--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false", "--mixed_precision", "no",
-         "scripts/finetune.py"],
+    _launch_two_processes(
+        "fsdp.yaml",
+        ["--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false", "--mixed_precision", "no"],
         tmp_path,
         overrides,
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    results = assert_run_outputs(tmp_path / "fsdp")
-    assert results["num_processes"] == 2
-    assert "2 process(es), MULTI_CPU." in completed.stderr
     assert (tmp_path / "fsdp" / "encoder_adapter" / "adapter_model.safetensors").is_file()
 
 
