@@ -151,7 +151,7 @@ def test_fsdp_config_runs_lora_on_cpu_as_ddp(tmp_path, planted_data_dir, tiny_en
     processes, not FSDP's sharding, which needs a GPU."""
     overrides = tiny_overrides(planted_data_dir, tiny_encoder_dir, tmp_path / "fsdp")
     overrides["training"].update({"retrieval_epochs": 2, "rerank_epochs": 1, "num_sampled_negatives": 16})
-    overrides["lora"] = {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}
+    overrides["lora"] = {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}
     _launch_two_processes(
         "fsdp.yaml",
         ["--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false", "--mixed_precision", "no"],

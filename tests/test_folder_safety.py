@@ -174,7 +174,7 @@ def lora_saved(tiny_encoder_dir, tmp_path_factory) -> Path:
     from llmrec.training.pipeline import add_lora
 
     recommender = _tiny_recommender(tiny_encoder_dir)
-    add_lora(recommender.model, load_config(overrides={"lora": {"r": 2, "alpha": 4, "target_modules": ["query", "value"]}}))
+    add_lora(recommender.model, load_config(overrides={"lora": {"r": 2, "lora_alpha": 4, "target_modules": ["query", "value"]}}))
     folder = tmp_path_factory.mktemp("lora") / "model"
     recommender.save_pretrained(folder)
     return folder

@@ -26,7 +26,7 @@ from test_finetune import REPO, assert_run_outputs
 def test_lora_run_trains_adapters_and_saves_them(tmp_path, planted_data_dir, tiny_encoder_dir):
     overrides = tiny_overrides(planted_data_dir, tiny_encoder_dir, tmp_path / "lora")
     overrides["training"].update({"retrieval_epochs": 2, "rerank_epochs": 1, "num_sampled_negatives": 16})
-    overrides["lora"] = {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}
+    overrides["lora"] = {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}
     (tmp_path / "lora.yaml").write_text(yaml.safe_dump(overrides))
     completed = subprocess.run(
         [sys.executable, "scripts/finetune.py", "--config", str(tmp_path / "lora.yaml")],
@@ -65,7 +65,7 @@ def test_lora_model_round_trips_as_an_adapter(tmp_path, tiny_encoder_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder_dir)
     texts = ["movie number 1 genre g0", "movie number 2 genre g1", "movie number 3 genre g2", "movie number 4 genre g3"]
     encode_catalogue(model, tokenize_item_texts(tokenizer, texts, 16), show_progress=False)
-    config = load_config(overrides={"lora": {"r": 2, "alpha": 4, "target_modules": ["query", "value"]}})
+    config = load_config(overrides={"lora": {"r": 2, "lora_alpha": 4, "target_modules": ["query", "value"]}})
     add_lora(model, config)
     with torch.no_grad():  # a trained adapter is not zero; make this one visibly move the encoder
         for parameter_name, parameter in model.named_parameters():

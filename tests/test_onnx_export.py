@@ -77,7 +77,7 @@ def test_lora_encoder_is_exported_with_its_adapter_merged(model_and_tokenizer, t
     model, tokenizer = model_and_tokenizer
     adapted = LlmRecModel(model.config)
     adapted.load_state_dict(model.state_dict())
-    add_lora(adapted, load_config(overrides={"lora": {"r": 2, "alpha": 4, "target_modules": ["query", "value"]}}))
+    add_lora(adapted, load_config(overrides={"lora": {"r": 2, "lora_alpha": 4, "target_modules": ["query", "value"]}}))
     with torch.no_grad():
         for name, parameter in adapted.named_parameters():
             if "lora_B" in name:

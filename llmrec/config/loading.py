@@ -81,6 +81,9 @@ def _build_dataclass(cls: type, values: dict[str, Any], section: str = "") -> An
     known = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        if key in getattr(cls, "RENAMED_KEYS", {}):
+            new_key = cls.RENAMED_KEYS[key]
+            raise ConfigError(f"Config key '{section}.{key}' is now '{section}.{new_key}' (PEFT's name); rename it.")
         if key not in known:
             raise _unknown_key_error(section, key, known)
         kwargs[key] = _coerce(f"{section}.{key}" if section else key, value, hints[key])

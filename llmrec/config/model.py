@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from ..errors import ConfigError
 from .checks import check_choice
@@ -11,21 +11,26 @@ from .checks import check_choice
 
 @dataclass
 class LoraSettings:
+    """PEFT `LoraConfig` fields under PEFT's own names, so `LoraConfig(**asdict(settings))` builds the adapter."""
+
+    # Keys of earlier releases, refused with their new name rather than read twice under two names.
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+
     r: int = field(default=8, metadata={"help": "LoRA rank."})
-    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (lora_alpha)."})
-    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch (PEFT's lora_dropout)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator: updates are scaled by lora_alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
     target_modules: list[str] = field(
         default_factory=lambda: ["query", "value"],
-        metadata={"help": "Encoder modules that get LoRA adapters (PEFT's target_modules), e.g. [query, value]."},
+        metadata={"help": "Encoder modules that get LoRA adapters, e.g. [query, value]."},
     )
 
     def validate(self) -> None:
         if self.r <= 0:
             raise ConfigError(f"lora.r must be a positive integer, got {self.r}.")
-        if self.alpha <= 0:
-            raise ConfigError(f"lora.alpha must be positive (LoRA updates are scaled by alpha / r), got {self.alpha}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora.lora_alpha must be positive (LoRA updates are scaled by lora_alpha / r), got {self.lora_alpha}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if not self.target_modules:
             raise ConfigError("lora.target_modules must name at least one module, e.g. [query, value].")
 

@@ -73,10 +73,7 @@ def add_lora(model: LlmRecModel, config: ExperimentConfig) -> None:
     """Wrap the encoder in PEFT LoRA adapters; only the adapters will train."""
     from peft import LoraConfig, get_peft_model
 
-    lora = config.lora
-    peft_config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
-    )
+    peft_config = LoraConfig(**dataclasses.asdict(config.lora))  # LoraSettings' fields are PEFT's
     model.item_encoder.backbone = get_peft_model(model.item_encoder.backbone, peft_config)
     model.item_encoder.backbone.print_trainable_parameters()
 
