@@ -154,3 +154,34 @@ def test_the_settings_a_resume_may_change_are_declared_on_the_fields():
     }
     flagged = {name for name, setting in _all_fields(ExperimentConfig) if setting.metadata.get("resumable")}
     assert flagged == resumable_settings()
+
+
+def test_model_settings_are_the_one_home_of_the_saved_model_settings(tmp_path):
+    """LlmRecConfig takes its `model:` fields, defaults and checks from ModelSettings instead of repeating them."""
+    import inspect
+
+    from llmrec.config import ModelSettings
+    from llmrec.modeling import LlmRecConfig
+
+    stored = ModelSettings().stored_settings()
+    assert "encoder" not in stored and "hidden_size" in stored
+    assert not set(inspect.signature(LlmRecConfig.__init__).parameters) & set(stored)  # no second list of them
+    assert {name: getattr(LlmRecConfig(), name) for name in stored} == stored
+    custom = ModelSettings(hidden_size=32, user_num_heads=4, pooling="cls", id_residual_max_ratio=0.5)
+    custom.validate()
+    LlmRecConfig(num_items=3, **custom.stored_settings()).save_pretrained(tmp_path)
+    reloaded = LlmRecConfig.from_pretrained(tmp_path)
+    assert {name: getattr(reloaded, name) for name in stored} == custom.stored_settings()
+    assert reloaded.num_items == 3
+    with pytest.raises(ConfigError, match=r"pooling must be one of \['mean', 'cls'\], got 'max'"):
+        LlmRecConfig(pooling="max")
+    with pytest.raises(ConfigError, match=r"model.pooling must be one of"):
+        load_config(overrides=["--model.pooling", "max"])
+
+
+def test_per_step_settings_are_declared_on_the_fields():
+    from llmrec.training.continuation import FIXED_MODEL_SETTINGS, RUNTIME_MODEL_SETTINGS
+
+    assert set(RUNTIME_MODEL_SETTINGS) == {"id_dropout", "exclude_unseen_items_from_loss", "similarity_temperature"}
+    assert "id_residual_max_ratio" in FIXED_MODEL_SETTINGS and "hidden_size" in FIXED_MODEL_SETTINGS
+    assert not set(RUNTIME_MODEL_SETTINGS) & set(FIXED_MODEL_SETTINGS)

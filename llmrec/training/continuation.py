@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ExperimentConfig
+from ..config.model import per_step_setting_names, stored_setting_names
 from ..data import InteractionData, SequentialSplit
 from ..errors import ConfigError
 from ..modeling import LlmRecModel
@@ -38,14 +39,11 @@ class SavedModel(Protocol):
     item_texts: tuple[str, ...]
 
 
-# Model settings that shape the weights or the meaning of the saved item vectors: the config must ask for
-# the folder's values. The others (id_dropout, exclude_unseen_items_from_loss, similarity_temperature) are
-# read at each step and take the config's value.
-FIXED_MODEL_SETTINGS = (
-    "pooling", "max_text_length", "hidden_size", "max_history_length", "history_summary", "user_num_layers",
-    "user_num_heads", "rerank_num_heads", "dropout", "use_id_embeddings", "use_text_embeddings", "use_user_profiles",
-)
-RUNTIME_MODEL_SETTINGS = ("id_dropout", "exclude_unseen_items_from_loss", "similarity_temperature")
+# Model settings read at each training step take the config's value when a run continues a saved folder;
+# the others shape the weights or the meaning of the saved item vectors, so the config must ask for the
+# folder's values. Which is which is declared on the `ModelSettings` fields.
+RUNTIME_MODEL_SETTINGS = per_step_setting_names()
+FIXED_MODEL_SETTINGS = tuple(name for name in stored_setting_names() if name not in RUNTIME_MODEL_SETTINGS)
 # Encoder config fields that tell two encoders apart (a folder's encoder weights only fit their architecture).
 ENCODER_SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 

@@ -218,8 +218,7 @@ def _new_model(
     """A model around the pretrained encoder, with the catalogue encoded; and the tokenised item texts."""
     # The profile path is added after training (`enable_user_profiles`), so the stages and their checkpoints
     # are those of a model without it.
-    model_settings = {name: value for name, value in dataclasses.asdict(config.model).items()
-                      if name not in ("encoder", "use_user_profiles")}
+    model_settings = {**config.model.stored_settings(), "use_user_profiles": False}
     model = LlmRecModel.from_encoder(
         encoder_path, num_items=split.num_items, num_candidates=config.retrieval.num_candidates, **model_settings
     ).to(accelerator.device)
