@@ -122,7 +122,7 @@ def test_script_with_cli_overrides(tmp_path, planted_data_dir, tiny_encoder_dir)
     assert results["config"]["training"]["rerank_epochs"] == 1
 
 
-def _launch_two_processes(launch_config: str, launch_flags: list[str], tmp_path: Path, overrides: dict) -> None:
+def _launch_two_processes(launch_config: str, launch_flags: list[str], tmp_path: Path, overrides: dict) -> dict:
     """`accelerate launch` a shipped launch config on CPU; the run must finish, complete and consistent, with 2
     processes, which Accelerate runs as DDP over gloo (MULTI_CPU) when no GPU is present."""
     completed = _run_script(
@@ -132,15 +132,32 @@ def _launch_two_processes(launch_config: str, launch_flags: list[str], tmp_path:
         overrides,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert assert_run_outputs(Path(overrides["output_dir"]))["num_processes"] == 2
+    results = assert_run_outputs(Path(overrides["output_dir"]))
+    assert results["num_processes"] == 2
     assert "2 process(es), MULTI_CPU." in completed.stderr
+    return results
 
 
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tmp_path, planted_data_dir, tiny_encoder_dir):
     overrides = tiny_overrides(planted_data_dir, tiny_encoder_dir, tmp_path / "ddp")
     overrides["training"].update({"retrieval_epochs": 3, "rerank_epochs": 2})
-    _launch_two_processes("cpu_ddp.yaml", [], tmp_path, overrides)
+    two = _launch_two_processes("cpu_ddp.yaml", [], tmp_path, overrides)
+    # One process with the same global batch (DDP's per-process batches side by side): the evaluation sees the
+    # same users and gives popularity the same numbers, and training reaches the same quality, not the same
+    # weights (the two runs order and split the batches differently).
+    from llmrec.config import load_config
+    from llmrec.training import run_finetune
+
+    overrides["output_dir"] = str(tmp_path / "one")
+    for name in ("retrieval_batch_size", "rerank_batch_size"):
+        overrides["training"][name] *= 2
+    one = run_finetune(load_config(overrides=overrides))
+    for split in ("valid", "test"):
+        assert two[split]["popularity"] == pytest.approx(one[split]["popularity"], abs=1e-9), split
+        for system in ("retrieval", "rerank"):
+            assert two[split][system]["num_users"] == one[split][system]["num_users"]
+            assert two[split][system]["ndcg@10"] == pytest.approx(one[split][system]["ndcg@10"], abs=0.15), (split, system)
 
 
 @pytest.mark.slow
