@@ -100,50 +100,74 @@ def build_split(data: InteractionData, config: DataConfig) -> SequentialSplit:
     Raises :class:`DataError` for a catalogue of fewer than two items and for a split without
     any valid or test example, which nothing could be evaluated (or early-stopped) on.
     """
+    item_ids, item_texts = _catalogue(data)
+    item_index = {item_id: position + 1 for position, item_id in enumerate(item_ids)}
+    user_ids, sequences, sequence_times = _user_sequences(data, item_index)
+    split = _split_sequences(data, config, sequences, sequence_times)
+    _require_examples(config, split.valid, split.test, len(user_ids))
+    _require_cold_examples(config, split.cold_test)
+    logger.info("%s split: %d users, %d items, %d training interactions, %d valid, %d test and %d cold-test examples.",
+                config.split, len(user_ids), len(item_ids), sum(map(len, split.train_sequences)), len(split.valid),
+                len(split.test), len(split.cold_test))
+    return SequentialSplit(item_ids, item_texts, user_ids, split.train_sequences, split.valid, split.test,
+                           cold_item_indices=split.cold_items, cold_user_indices=split.cold_users,
+                           cold_test=split.cold_test, user_profiles=_aligned_profiles(data, user_ids))
+
+
+@dataclass
+class _ProtocolSplit:
+    """What one split protocol makes of the user sequences; the cold fields stay empty outside cold-start splits."""
+
+    train_sequences: list[list[int]]
+    valid: EvaluationExamples
+    test: EvaluationExamples
+    cold_test: EvaluationExamples = field(default_factory=EvaluationExamples)
+    cold_items: list[int] = field(default_factory=list)
+    cold_users: list[int] = field(default_factory=list)
+
+
+def _catalogue(data: InteractionData) -> tuple[list[str], list[str]]:
+    """Item ids and texts in ``data.items`` order; DataError for fewer than two items (nothing to rank)."""
     item_ids = [str(item_id) for item_id in data.items["item_id"]]
     if len(item_ids) < 2:
         raise DataError(f"The item catalogue has {len(item_ids)} item(s) ({item_ids}); there is nothing to recommend "
                         "or rank. Load the full catalogue (data.items_file / data.path).")
-    item_texts = [str(text) for text in data.items["text"]]
-    item_index = {item_id: position + 1 for position, item_id in enumerate(item_ids)}
-    user_ids, sequences, sequence_times = _user_sequences(data, item_index)
+    return item_ids, [str(text) for text in data.items["text"]]
 
-    cold_items: list[int] = []
-    cold_users: list[int] = []
-    cold_test = EvaluationExamples()
+
+def _split_sequences(data: InteractionData, config: DataConfig, sequences: list[list[int]],
+                     sequence_times: list[np.ndarray]) -> _ProtocolSplit:
+    """Apply the protocol ``config.split`` names (see `build_split`), refusing what the data cannot support."""
     if config.split == "leave_one_out":
-        train_sequences, valid, test = _leave_one_out(sequences)
-    elif config.split == "temporal":
+        return _ProtocolSplit(*_leave_one_out(sequences))
+    if config.split == "temporal":
         if data.timestamps_are_positions:
             raise DataError("data.split temporal needs a clock shared by all users, but this data (a sequence file) "
                             "has only each user's order: its timestamps are positions in each user's history. Use "
                             "data.split: leave_one_out (the protocol sequence-file benchmarks publish), cold_items "
                             "or cold_users.")
-        train_sequences, valid, test = _temporal(sequences, sequence_times, config.temporal_valid_fraction,
-                                                 config.temporal_test_fraction)
-    elif config.split == "cold_items":
+        return _ProtocolSplit(*_temporal(sequences, sequence_times, config.temporal_valid_fraction,
+                                         config.temporal_test_fraction))
+    if config.split == "cold_items":
         if data.timestamps_are_positions and config.cold_item_selection == "newest":
             logger.warning("cold_items with selection newest on a sequence file: without timestamps, 'newest' means "
                            "the items whose earliest position in any user's history is latest (a proxy for new items; "
                            "data.cold_item_selection: random does not depend on it).")
         cold_items = _choose_cold_items(sequences, sequence_times, config)
-        train_sequences, valid, test, cold_test = _cold_items(sequences, set(cold_items))
-    elif config.split == "cold_users":
+        return _ProtocolSplit(*_cold_items(sequences, set(cold_items)), cold_items=cold_items)
+    if config.split == "cold_users":
         cold_users = _choose_cold_users(sequences, config)
-        train_sequences, valid, test, cold_test = _cold_users(sequences, set(cold_users), config.cold_user_history_length)
-    else:
-        raise DataError(f"data.split must be one of leave_one_out, temporal, cold_items, cold_users; got {config.split!r}.")
-    _require_examples(config, valid, test, len(user_ids))
+        return _ProtocolSplit(*_cold_users(sequences, set(cold_users), config.cold_user_history_length),
+                              cold_users=cold_users)
+    raise DataError(f"data.split must be one of leave_one_out, temporal, cold_items, cold_users; got {config.split!r}.")
+
+
+def _require_cold_examples(config: DataConfig, cold_test: EvaluationExamples) -> None:
+    """A cold-start split must hold at least one cold example, else its headline metric is undefined."""
     if config.split in ("cold_items", "cold_users") and len(cold_test) == 0:
         raise DataError(f"The {config.split} split has no cold example: no user has an interaction on a held-out item "
                         "after an earlier one (cold_items) or enough interactions (cold_users). Raise "
                         "data.cold_item_fraction / data.cold_user_fraction or lower data.cold_user_history_length.")
-    logger.info("%s split: %d users, %d items, %d training interactions, %d valid, %d test and %d cold-test examples.",
-                config.split, len(user_ids), len(item_ids), sum(map(len, train_sequences)), len(valid), len(test),
-                len(cold_test))
-    return SequentialSplit(item_ids, item_texts, user_ids, train_sequences, valid, test,
-                           cold_item_indices=cold_items, cold_user_indices=cold_users, cold_test=cold_test,
-                           user_profiles=_aligned_profiles(data, user_ids))
 
 
 def _aligned_profiles(data: InteractionData, user_ids: list[str]) -> list[Optional[str]]:

@@ -16,6 +16,8 @@ from typing import Optional
 import faiss
 import numpy as np
 
+from llmrec.retrieval.exact import sorted_top_k
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRAIN_SIZE = 262_144  # 64 training points per list at IVF4096, FAISS's upper bound for k-means
@@ -98,6 +100,17 @@ def build_faiss_index(
         fill_index(shard, embeddings, int(start), int(stop), normalize, chunk_size)
         shards.add_shard(shard)  # FAISS's Python wrapper keeps a reference, so the shard lives with `shards`
     return shards
+
+
+def build_large_index(embeddings: np.ndarray, normalize: bool, factory: str | None, num_shards: int) -> faiss.Index:
+    """A trained and filled index of `factory` (flat when None), in `num_shards` shards when more than one."""
+    dim = int(embeddings.shape[1])
+    if factory is None:
+        template = faiss.IndexFlatIP(dim)
+    else:
+        template = empty_factory_index(factory, dim)
+        train_factory_index(template, embeddings, normalize)
+    return build_faiss_index(embeddings, template, normalize, num_shards)
 
 
 def shards_of(index: faiss.Index) -> Optional[list[faiss.Index]]:
@@ -206,12 +219,7 @@ def rescore_exactly(
     gathered = np.asarray(vectors[np.where(present, rows, 0).ravel()], dtype=np.float32).reshape(*rows.shape, -1)
     scores = np.einsum("qcd,qd->qc", gathered, np.asarray(queries, dtype=np.float32))
     scores[~present] = -np.inf
-    k = min(k, rows.shape[1])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    top_scores = np.take_along_axis(scores, top, axis=1)
-    order = np.argsort(-top_scores, axis=1, kind="stable")
-    top = np.take_along_axis(top, order, axis=1)
+    top_scores, top = sorted_top_k(scores, min(k, rows.shape[1]))
     top_rows = np.take_along_axis(rows, top, axis=1)
-    top_scores = np.take_along_axis(top_scores, order, axis=1)
     top_rows[~np.isfinite(top_scores)] = -1
     return top_scores, top_rows

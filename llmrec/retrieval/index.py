@@ -12,13 +12,14 @@ Three FAISS index types sit behind one `ItemIndex`:
 `bench/scaling.py` measures all three on catalogues up to 1M items and is where the defaults come from.
 Beyond memory, ``factory`` takes any FAISS factory string (IVF-PQ, OPQ; `retrieval.index_factory`), and any
 flat or factory index can be split into shards whose top-k FAISS merges exactly.
+
+Pieces live beside this module: types and defaults in `params`, the saved metadata in `sidecar`, dropping
+seen items in `exclusion`, exact scoring in `exact`, beyond-memory (factory, sharded) indexes in `factory`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,40 +28,36 @@ import faiss
 import numpy as np
 
 from llmrec.errors import ModelFolderError
+from llmrec.retrieval import exclusion
 from llmrec.retrieval import factory as large
+from llmrec.retrieval import sidecar
+from llmrec.retrieval.exact import exact_top_rows
+from llmrec.retrieval.exclusion import PADDING_INDEX
+from llmrec.retrieval.params import (
+    DEFAULT_PARAMS,
+    INDEX_TYPES,
+    IVF_MIN_ITEMS_PER_LIST,
+    SEARCH_PARAMS,
+    checked_search_params,
+    default_nlist,
+    index_type_of,
+    ivf_nlist,
+    params_of,
+    resolve_index_params,
+)
+from llmrec.retrieval.sidecar import FLAT_FORMAT_VERSION, FORMAT_VERSION, sidecar_path
 from llmrec.utils.io import atomic_write, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-# Flat indexes still write the version-1 sidecar, so folders with the default index stay readable by older
-# llmrec; approximate indexes write version 2 (index type and parameters), which older llmrec refuses
-# cleanly instead of silently searching with FAISS's own defaults.
-FLAT_FORMAT_VERSION = 1
-FORMAT_VERSION = 2
-PADDING_INDEX = 0
+# Includes names that moved to params, sidecar and exclusion: model_folder, cli and bench import them from here.
+__all__ = [
+    "DEFAULT_PARAMS", "DENSE_EXCLUSION_MAX_CELLS", "EXACT_FILTER_MAX_ITEMS", "FLAT_FORMAT_VERSION", "FORMAT_VERSION",
+    "INDEX_TYPES", "IVF_MIN_ITEMS_PER_LIST", "ItemIndex", "MAX_WIDENING", "PADDING_INDEX", "SEARCH_PARAMS",
+    "default_nlist", "resolve_index_params", "sidecar_path",
+]
 
-INDEX_TYPES = ("flat", "hnsw", "ivf", "factory")
-# Defaults (measured in bench/scaling.py on 64-d item embeddings: 1M synthetic items clustered like the trained
-# MovieLens-100k model's, real users as queries, top-100 with the history excluded; bench/results/scaling.md):
-# - HNSW M=32: 64 links per item at the base layer, about as many bytes of graph as of vectors at 64-d; fewer
-#   links lose recall on clustered catalogues, more cost memory and build time. efConstruction=100: a 1M-item
-#   graph builds in ~7 min on one core. efSearch=320: the smallest beam of the sweep with recall@100 >= 0.96
-#   at 1M items (0.95 needs 256; 128 gives 0.91), under 1 ms per user. FAISS does not widen the beam to k by
-#   itself (a beam of 16 found ~60 % of the top 100 on 100k items), so `search` uses max(efSearch, k), as
-#   hnswlib does.
-# - IVF nlist=None means 4 * sqrt(num_items) lists (the usual rule of thumb: 4,000 lists of ~250 items at 1M),
-#   capped so that each centroid has at least 39 training items (FAISS's own minimum). nprobe=48: the smallest
-#   of the sweep with recall@100 >= 0.96 at 1M items (32 gives 0.94), ~0.4 ms per user.
-DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
-    "flat": {},
-    "hnsw": {"M": 32, "efConstruction": 100, "efSearch": 320},
-    "ivf": {"nlist": None, "nprobe": 48},
-    # nprobe: used by the IVF inside the factory string, if any. k_factor: candidates per result a refine stage
-    # (`...,Refine(SQ4)`) re-scores; bench/ivfpq.py sweeps it (FAISS's own default, 1, only reorders).
-    "factory": {"nprobe": 48, "k_factor": 4},
-}
-SEARCH_PARAMS = {"flat": (), "hnsw": ("efSearch",), "ivf": ("nprobe",), "factory": ("nprobe", "k_factor")}
-IVF_MIN_ITEMS_PER_LIST = 39
+# The search-time thresholds stay here, read at each call, so tests (and tuners) can patch them on this module.
 # With an `allowed` filter this narrow, approximate indexes score the allowed items exactly: a graph or
 # bucket search that must skip most of what it visits would come back short, and scoring a few thousand
 # vectors directly costs less than a millisecond.
@@ -88,99 +85,6 @@ def _float32_rows(array: np.ndarray, what: str, copy: bool) -> np.ndarray:
     return array
 
 
-def sidecar_path(index_path: str | Path) -> Path:
-    """Metadata file saved next to the FAISS file (normalisation cannot be read back from FAISS itself)."""
-    index_path = Path(index_path)
-    return index_path.with_name(index_path.name + ".json")
-
-
-def resolve_index_params(index_type: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults of `index_type` overridden by `params`; unknown types, names and non-positive values raise ValueError.
-
-    A value of None keeps the default, so a config can leave any parameter to this module.
-    """
-    if index_type not in INDEX_TYPES:
-        raise ValueError(f"Unknown index_type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}.")
-    resolved = dict(DEFAULT_PARAMS[index_type])
-    for name, value in (params or {}).items():
-        if name not in resolved:
-            valid = ", ".join(DEFAULT_PARAMS[index_type]) or "none"
-            raise ValueError(f"Unknown parameter {name!r} for index_type {index_type!r}; valid parameters: {valid}.")
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{index_type} parameter {name} must be a positive integer; got {value!r}.")
-        resolved[name] = int(value)
-    return resolved
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _checked_sidecar(meta: Any) -> dict[str, Any]:
-    """The sidecar's fields, each of its type: `bool("false")` is True, so nothing is coerced (ValueError)."""
-    if not isinstance(meta, dict):
-        raise ValueError(f"it holds a {type(meta).__name__}, not a JSON object")
-    for name, kind in (("normalize", bool), ("format_version", int), ("dim", int), ("num_items", int)):
-        if name not in meta or not (kind is bool and isinstance(meta[name], bool) or kind is int and _is_count(meta[name])):
-            raise ValueError(f"field {name!r} is {meta.get(name, 'missing')!r}")
-    if "index_type" in meta and meta["index_type"] not in INDEX_TYPES:
-        raise ValueError(f"field 'index_type' is {meta['index_type']!r}, not one of {', '.join(INDEX_TYPES)}")
-    params = meta.get("params")
-    if params is not None and not (isinstance(params, dict) and all(value is None or _is_count(value) for value in params.values())):
-        raise ValueError(f"field 'params' is {params!r}, not a mapping of parameter names to integers")
-    return meta
-
-
-def default_nlist(num_items: int) -> int:
-    """4 * sqrt(n) lists, but never so many that a centroid has fewer than 39 items to train on."""
-    return max(1, min(int(round(4 * math.sqrt(num_items))), num_items // IVF_MIN_ITEMS_PER_LIST))
-
-
-def _index_type_of(faiss_index: faiss.Index) -> str:
-    if isinstance(faiss_index, faiss.IndexFlat):
-        return "flat"
-    if isinstance(faiss_index, faiss.IndexHNSW):
-        return "hnsw"
-    if isinstance(faiss_index, faiss.IndexIVF):
-        return "ivf"
-    raise ValueError(f"Unsupported FAISS index {type(faiss_index).__name__}; ItemIndex handles {', '.join(INDEX_TYPES)}.")
-
-
-def _params_of(faiss_index: faiss.Index, index_type: str) -> dict[str, Any]:
-    """The parameters stored inside a FAISS object, for indexes handed over without them."""
-    if index_type == "hnsw":
-        hnsw = faiss_index.hnsw
-        return {"M": int(hnsw.nb_neighbors(1)), "efConstruction": int(hnsw.efConstruction), "efSearch": int(hnsw.efSearch)}
-    if index_type == "ivf":
-        return {"nlist": int(faiss_index.nlist), "nprobe": int(faiss_index.nprobe)}
-    if index_type == "factory":
-        return dict(DEFAULT_PARAMS["factory"])
-    return {}
-
-
-def _excluded_candidates(candidate_indices: np.ndarray, exclude_arrays: list[np.ndarray], num_items: int) -> np.ndarray:
-    """True where a candidate (1-based item index, shape (B, n)) is among its query's excluded items.
-
-    One dense table of seen flags and a single gather when it is small, instead of a set lookup per query:
-    the per-query `np.isin` calls were most of what search added to the bare FAISS call.
-    """
-    batch, width = len(exclude_arrays), num_items + 1
-    if batch * width <= DENSE_EXCLUSION_MAX_CELLS:
-        items = exclude_arrays[0] if batch == 1 else np.concatenate(exclude_arrays)
-        in_range = (items >= 0) & (items <= num_items)  # other ids can never be candidates
-        cells = items if batch == 1 else items + width * np.repeat(np.arange(batch), [len(excluded) for excluded in exclude_arrays])
-        seen = np.zeros(batch * width, dtype=bool)
-        seen[cells[in_range]] = True
-        return seen[candidate_indices if batch == 1 else candidate_indices + width * np.arange(batch)[:, None]]
-    excluded_mask = np.zeros(candidate_indices.shape, dtype=bool)
-    for row, excluded in enumerate(exclude_arrays):
-        if len(excluded):
-            excluded_mask[row] = np.isin(candidate_indices[row], excluded)
-    return excluded_mask
-
-
 class ItemIndex:
     """FAISS index over item embeddings; row r holds item index r+1.
 
@@ -200,10 +104,10 @@ class ItemIndex:
         self.factory = factory
         shards = large.shards_of(faiss_index)
         self.num_shards = 1 if shards is None else len(shards)
-        self.index_type = index_type or _index_type_of(shards[0] if shards else faiss_index)
+        self.index_type = index_type or index_type_of(shards[0] if shards else faiss_index)
         if self.index_type == "factory" and not factory:
             raise ValueError("A factory ItemIndex needs the factory string it was built from (factory=...).")
-        self.params = {**_params_of(faiss_index, self.index_type), **dict(params or {})}
+        self.params = {**params_of(faiss_index, self.index_type), **dict(params or {})}
         if self.index_type == "ivf" and faiss_index.direct_map.type == faiss.DirectMap.NoMap:
             # Lets exact fallbacks fetch stored vectors by id (8 bytes per item).
             faiss_index.make_direct_map()
@@ -248,15 +152,7 @@ class ItemIndex:
             faiss_index = faiss.IndexHNSWFlat(dim, resolved["M"], faiss.METRIC_INNER_PRODUCT)
             faiss_index.hnsw.efConstruction = resolved["efConstruction"]
         else:
-            if resolved["nlist"] is None:
-                resolved["nlist"] = default_nlist(num_items)
-                if num_items == 0:
-                    raise ValueError("An IVF index is trained on the catalogue and cannot be built from zero items; use index_type='flat'.")
-            elif resolved["nlist"] > num_items:
-                raise ValueError(
-                    f"An IVF index with nlist={resolved['nlist']} needs at least that many items to train its "
-                    f"centroids, but the catalogue has {num_items}; use a smaller nlist (or leave it unset), or index_type='flat'."
-                )
+            resolved["nlist"] = ivf_nlist(resolved["nlist"], num_items)
             faiss_index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, resolved["nlist"], faiss.METRIC_INNER_PRODUCT)
             faiss_index.train(embeddings)
         if len(embeddings):
@@ -272,13 +168,8 @@ class ItemIndex:
         """A factory and/or sharded index, trained on a sample and filled in chunks (a memory map stays on disk)."""
         if np.ndim(item_embeddings) != 2:
             raise ValueError(f"item_embeddings must be a 2-D array (rows, dim); got shape {np.shape(item_embeddings)}.")
-        dim = int(item_embeddings.shape[1])
-        if factory is None:
-            template, index_type = faiss.IndexFlatIP(dim), "flat"
-        else:
-            template, index_type = large.empty_factory_index(factory, dim), "factory"
-            large.train_factory_index(template, item_embeddings, normalize)
-        faiss_index = large.build_faiss_index(item_embeddings, template, normalize, num_shards)
+        faiss_index = large.build_large_index(item_embeddings, normalize, factory, num_shards)
+        index_type = "flat" if factory is None else "factory"
         item_index = cls(faiss_index, normalize=normalize, index_type=index_type, params=params, factory=factory)
         logger.info("Built %r", item_index)
         return item_index
@@ -286,13 +177,7 @@ class ItemIndex:
     def set_search_params(self, **params: Any) -> None:
         """Change the search-time parameters (efSearch for HNSW, nprobe for IVF, nprobe and k_factor for a factory
         index) without rebuilding."""
-        allowed = SEARCH_PARAMS[self.index_type]
-        unknown = sorted(set(params) - set(allowed))
-        if unknown:
-            valid = ", ".join(allowed) or "none (a flat index is exact)"
-            raise ValueError(f"{unknown} cannot be set on a {self.index_type} index at search time; valid: {valid}.")
-        checked = resolve_index_params(self.index_type, params)
-        self.params.update({name: checked[name] for name in params})
+        self.params.update(checked_search_params(self.index_type, params))
         self._apply_search_params()
 
     def _apply_search_params(self) -> None:
@@ -373,31 +258,17 @@ class ItemIndex:
         exactly. Missing slots (catalogue exhausted) are index 0 with score -inf, so callers can treat them
         as misses.
         """
-        if int(k) != k or k <= 0:
-            raise ValueError(f"k must be a positive integer; got {k!r}.")
-        k = min(int(k), self.num_items)
+        k = self._result_width(k)
         queries = _float32_rows(query_embeddings, "query_embeddings", copy=self.normalize)
         self._check_dim(queries, "query_embeddings")
         batch_size = queries.shape[0]
-
-        exclude_arrays: list[np.ndarray] | None = None
-        if exclude is not None:
-            if len(exclude) != batch_size:
-                raise ValueError(f"exclude has {len(exclude)} entries but there are {batch_size} queries.")
-            exclude_arrays = [np.fromiter(items, dtype=np.int64) for items in exclude]
+        exclude_arrays = exclusion.history_arrays(exclude, batch_size)
         max_excluded = max((len(items) for items in exclude_arrays), default=0) if exclude_arrays else 0
-
-        out_scores = np.full((batch_size, k), -np.inf, dtype=np.float32)
-        out_indices = np.full((batch_size, k), PADDING_INDEX, dtype=np.int64)
-        allowed_rows = None
-        searchable = self.num_items
-        if allowed is not None:
-            allowed_rows = np.unique(np.asarray(allowed, dtype=np.int64)) - 1
-            allowed_rows = allowed_rows[(allowed_rows >= 0) & (allowed_rows < self.num_items)]
-            searchable = len(allowed_rows)
-        fetch_k = min(k + max_excluded, searchable)
+        allowed_rows = None if allowed is None else self._allowed_rows(allowed)
+        searchable = self.num_items if allowed_rows is None else len(allowed_rows)
+        fetch_k = min(k + max_excluded, searchable)  # over-fetch so that k remain after dropping the history
         if batch_size == 0 or fetch_k == 0:
-            return out_scores, out_indices
+            return exclusion.empty_results(batch_size, k)
 
         if self.normalize:
             faiss.normalize_L2(queries)
@@ -405,25 +276,19 @@ class ItemIndex:
         candidate_indices = candidate_rows.astype(np.int64) + 1  # FAISS pads with row -1, which becomes padding index 0
         keep = candidate_indices != PADDING_INDEX
         if exclude_arrays is not None and max_excluded:
-            keep &= ~_excluded_candidates(candidate_indices, exclude_arrays, self.num_items)
-        if keep[:, :k].all():  # nothing to drop among the first k: they are the answer, already in order
-            width = min(k, keep.shape[1])
-            out_scores[:, :width], out_indices[:, :width] = candidate_scores[:, :width], candidate_indices[:, :width]
-            return out_scores, out_indices
+            keep &= ~exclusion.excluded_candidates(candidate_indices, exclude_arrays, self.num_items, DENSE_EXCLUSION_MAX_CELLS)
+        return exclusion.first_kept(candidate_scores, candidate_indices, keep, k)
 
-        # Stable sort of "dropped" flags moves kept candidates to the front without disturbing their score order.
-        if batch_size == 1:  # one request, the serving case: plain boolean selection
-            chosen = np.flatnonzero(keep[0])[:k]
-            out_scores[0, : len(chosen)], out_indices[0, : len(chosen)] = candidate_scores[0, chosen], candidate_indices[0, chosen]
-            return out_scores, out_indices
-        # Gathers go through flat positions: `take_along_axis` costs more than the search for one query.
-        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-        order += np.arange(batch_size)[:, None] * keep.shape[1]
-        kept = keep.ravel()[order]
-        width = order.shape[1]
-        out_scores[:, :width] = np.where(kept, candidate_scores.ravel()[order], -np.inf)
-        out_indices[:, :width] = np.where(kept, candidate_indices.ravel()[order], PADDING_INDEX)
-        return out_scores, out_indices
+    def _result_width(self, k: int) -> int:
+        """k' = min(k, num_items) for a positive integer k (ValueError otherwise)."""
+        if int(k) != k or k <= 0:
+            raise ValueError(f"k must be a positive integer; got {k!r}.")
+        return min(int(k), self.num_items)
+
+    def _allowed_rows(self, allowed: np.ndarray) -> np.ndarray:
+        """The 0-based rows of the `allowed` item indices, sorted and unique; indices outside the catalogue are dropped."""
+        allowed_rows = np.unique(np.asarray(allowed, dtype=np.int64)) - 1
+        return allowed_rows[(allowed_rows >= 0) & (allowed_rows < self.num_items)]
 
     def _search_rows(
         self, queries: np.ndarray, k: int, fetch_k: int, allowed_rows: np.ndarray | None
@@ -438,7 +303,7 @@ class ItemIndex:
         if self.num_shards > 1 or self.index_type == "factory":
             return self._search_rows_large(queries, fetch_k, allowed_rows)
         if self.index_type != "flat" and allowed_rows is not None and len(allowed_rows) <= EXACT_FILTER_MAX_ITEMS:
-            return self._exact_rows(queries, fetch_k, allowed_rows)
+            return exact_top_rows(self.faiss_index, queries, fetch_k, allowed_rows)
         selector = None if allowed_rows is None else faiss.IDSelectorBatch(allowed_rows)
         scores, rows = self.faiss_index.search(queries, fetch_k, params=self._search_parameters(selector, k))
         if self.index_type == "flat":
@@ -454,7 +319,7 @@ class ItemIndex:
         if short.any():
             logger.debug("%d queries came back short from the %s index; scoring them exactly", int(short.sum()), self.index_type)
             every_row = np.arange(self.num_items, dtype=np.int64) if allowed_rows is None else allowed_rows
-            scores[short], rows[short] = self._exact_rows(queries[short], fetch_k, every_row)
+            scores[short], rows[short] = exact_top_rows(self.faiss_index, queries[short], fetch_k, every_row)
         return scores, rows
 
     def _search_rows_large(
@@ -466,21 +331,13 @@ class ItemIndex:
                 raise ValueError(
                     "A sharded index cannot search a subset of items (`allowed`); build it unsharded (num_shards=1) to filter."
                 )
-            return self._exact_rows(queries, fetch_k, allowed_rows)
+            return exact_top_rows(self.faiss_index, queries, fetch_k, allowed_rows)
         scores, rows = self.faiss_index.search(queries, fetch_k)
         short = (rows < 0).any(axis=1)
         if short.any() and self.num_shards == 1:  # too few lists probed for k + history: score those queries exactly
-            scores[short], rows[short] = self._exact_rows(queries[short], fetch_k, np.arange(self.num_items, dtype=np.int64))
+            every_row = np.arange(self.num_items, dtype=np.int64)
+            scores[short], rows[short] = exact_top_rows(self.faiss_index, queries[short], fetch_k, every_row)
         return scores, rows
-
-    def _exact_rows(self, queries: np.ndarray, fetch_k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top `fetch_k` among the stored vectors of `rows` (fetch_k <= len(rows))."""
-        vectors = self.faiss_index.reconstruct_batch(rows)
-        scores = queries @ vectors.T
-        top = np.argpartition(-scores, fetch_k - 1, axis=1)[:, :fetch_k]
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        return np.take_along_axis(top_scores, order, axis=1), rows[np.take_along_axis(top, order, axis=1)]
 
     def reconstruct_all(self) -> np.ndarray:
         """Stored (possibly normalised) vectors, row r = item index r+1; for checks and tests."""
@@ -493,18 +350,9 @@ class ItemIndex:
         path = Path(path)
         with atomic_write(path) as temporary:  # shards are written merged: FAISS cannot serialise IndexShards
             faiss.write_index(large.merged_index(self.faiss_index), str(temporary))
-        meta: dict[str, Any] = {
-            "format_version": FLAT_FORMAT_VERSION if self.index_type == "flat" else FORMAT_VERSION,
-            "normalize": self.normalize,
-            "dim": self.dim,
-            "num_items": self.num_items,
-        }
-        if self.index_type != "flat" or self.num_shards > 1:
-            meta.update(format_version=FORMAT_VERSION, index_type=self.index_type, params=self.params)
-        if self.factory is not None:
-            meta["factory"] = self.factory
-        if self.num_shards > 1:
-            meta["num_shards"] = self.num_shards
+        meta = sidecar.sidecar_fields(
+            self.index_type, self.normalize, self.dim, self.num_items, self.params, self.factory, self.num_shards
+        )
         write_json_atomic(sidecar_path(path), meta)
         logger.debug("Saved %r to %s", self, path)
 
@@ -512,45 +360,20 @@ class ItemIndex:
     def load(cls, path: str | Path) -> "ItemIndex":
         """Load and cross-check against the sidecar, so a mismatched pair from an interrupted save is caught."""
         path = Path(path)
-        meta_path = sidecar_path(path)
-        if not path.is_file():
-            raise ModelFolderError(f"Item index file {path} is missing; rebuild the index or re-save the model.")
-        if not meta_path.is_file():
-            raise ModelFolderError(f"Item index metadata {meta_path} is missing; re-save the index with ItemIndex.save().")
-        try:
-            meta = _checked_sidecar(json.loads(meta_path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, RecursionError) as error:
-            raise ModelFolderError(f"Item index metadata {meta_path} is corrupt ({error}); re-save the index.") from error
-        normalize, version = meta["normalize"], meta["format_version"]
-        index_type, params = meta.get("index_type", "flat"), dict(meta.get("params") or {})
-        if version not in (FLAT_FORMAT_VERSION, FORMAT_VERSION):
-            raise ModelFolderError(
-                f"Item index {path} has format version {version}; this llmrec reads versions "
-                f"{FLAT_FORMAT_VERSION} and {FORMAT_VERSION}. Upgrade llmrec, or rebuild the index (`llmrec index MODEL --rebuild`)."
-            )
+        meta = sidecar.read_sidecar(path)
+        normalize, index_type, params = meta["normalize"], meta.get("index_type", "flat"), dict(meta.get("params") or {})
         try:
             faiss_index = faiss.read_index(str(path))
         except Exception as error:  # FAISS reports corrupt files as RuntimeError with C++ details
             raise ModelFolderError(f"Item index file {path} is corrupt or unreadable: {error}") from error
         try:
-            factory = meta.get("factory")
-            if index_type == "factory":
-                if not isinstance(factory, str):
-                    raise ValueError(f"field 'factory' is {factory!r}, not the factory string")
-            else:
-                stored_type = _index_type_of(faiss_index)
-                if stored_type != index_type:
-                    raise ValueError(f"the file holds a {stored_type} index but the metadata says {index_type}")
-            item_index = cls(faiss_index, normalize=normalize, index_type=index_type, params=params, factory=factory)
+            sidecar.check_index_type(meta, faiss_index)
+            item_index = cls(faiss_index, normalize=normalize, index_type=index_type, params=params, factory=meta.get("factory"))
             item_index.saved_num_shards = int(meta.get("num_shards", 1))
             resolve_index_params(index_type, {name: value for name, value in params.items()})
         except ValueError as error:
-            raise ModelFolderError(f"Item index {path} does not match {meta_path} ({error}); re-save the index.") from error
-        if item_index.dim != meta.get("dim") or item_index.num_items != meta.get("num_items"):
-            raise ModelFolderError(
-                f"Item index file {path} (dim {item_index.dim}, {item_index.num_items} items) does not match "
-                f"{meta_path} (dim {meta.get('dim')}, {meta.get('num_items')} items); re-save the index."
-            )
+            raise ModelFolderError(f"Item index {path} does not match {sidecar_path(path)} ({error}); re-save the index.") from error
+        sidecar.check_size(path, meta, item_index.dim, item_index.num_items)
         return item_index
 
     def __repr__(self) -> str:
