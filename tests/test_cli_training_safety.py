@@ -280,7 +280,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(caplog, checkpointed_
     output_dir, (older, latest) = _copied_run(checkpointed_run, tmp_path)
     BREAKAGES[breakage](latest)
     config = _config(planted_data_dir, tiny_encoder_dir, output_dir)
-    with caplog.at_level(logging.WARNING, logger="llmrec.training.trainer"):
+    with caplog.at_level(logging.WARNING, logger="llmrec.training.checkpoints"):
         assert find_checkpoint(config, "latest") == older
     assert any(str(latest) in record.getMessage() and "broken" in record.getMessage() for record in caplog.records)
     with pytest.raises(ConfigError, match="it is broken"):  # asked for by name: refused, not swapped
@@ -302,7 +302,7 @@ def test_unreadable_random_states_are_an_error_unless_ignored(caplog, checkpoint
     config = _config(planted_data_dir, tiny_encoder_dir, output_dir)
     with pytest.raises(ConfigError, match=r"random states .*random_states_0\.pkl.*--resume-ignore-rng"):
         find_checkpoint(config, "latest")
-    with caplog.at_level(logging.WARNING, logger="llmrec.training.trainer"):
+    with caplog.at_level(logging.WARNING, logger="llmrec.training.checkpoints"):
         assert find_checkpoint(config, "latest", ignore_rng_state=True) == latest
     assert any("--resume-ignore-rng" in record.getMessage() for record in caplog.records)
 
