@@ -82,6 +82,12 @@ class TrainingSettings:
     profile_epochs: int = field(default=20, metadata={"help": "Epochs fitting the profile projection."})
     profile_learning_rate: float = field(default=1e-2, metadata={"help": "AdamW learning rate of the profile fit."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of every stage."})
+    report_to: str = field(
+        default="none",
+        metadata={"help": "none | tensorboard | wandb | mlflow | trackio: Accelerate's tracker that receives the config "
+                  "and each epoch's loss and validation metrics (TensorBoard writes to output_dir/logs).",
+                  "resumable": True},
+    )
     encode_batch_size: int = field(
         default=256, metadata={"help": "Item texts per encoder forward when encoding the catalogue.", "resumable": True}
     )
@@ -90,6 +96,7 @@ class TrainingSettings:
         check_seed("training.seed", self.seed)
         check_choice("training.mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
         check_choice("training.loss", self.loss, ["auto", "full_softmax", "sampled_softmax"])
+        check_choice("training.report_to", self.report_to, ["none", "tensorboard", "wandb", "mlflow", "trackio"])
         for name in ("retrieval_learning_rate", "rerank_learning_rate", "profile_learning_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"training.{name} must be positive, got {getattr(self, name)}.")

@@ -34,6 +34,7 @@ from .checkpoints import (
 )
 from .progress import STAGES, TrainingProgress, format_metrics
 from .resume_checks import check_resumable, check_same_run_setup
+from .tracking import log_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ class StageLoop:
         # Epoch 0 is the starting point: a stage that never beats it on validation keeps its initial weights.
         progress = TrainingProgress(stage, best_metrics={**evaluate(), "epoch": 0})
         logger.info("%s before training: valid %s", stage, format_metrics(progress.best_metrics))
+        log_epoch(self.accelerator, stage, 0, None, progress.best_metrics)
         return progress, self._trainable_state(model)
 
     def _end_epoch(
@@ -157,12 +159,14 @@ class StageLoop:
         progress.finished = epoch >= epochs
         if epoch % settings.eval_every_epochs and not progress.finished:
             logger.info("%s epoch %d: loss %.4f", stage, epoch, mean_loss)
+            log_epoch(self.accelerator, stage, epoch, mean_loss, {})
             progress.next_epoch()
             return best_state
         if stage == "retrieval":
             self.refresh_item_cache()
         metrics = evaluate()
         logger.info("%s epoch %d: loss %.4f, valid %s", stage, epoch, mean_loss, format_metrics(metrics))
+        log_epoch(self.accelerator, stage, epoch, mean_loss, metrics)
         if progress.record_validation(metrics, settings.early_stopping_patience):
             best_state = self._trainable_state(model)
         if not progress.finished:

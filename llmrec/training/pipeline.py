@@ -31,6 +31,7 @@ from ..utils.snapshots import is_hub_repo_id
 from .continuation import SavedModel, align_catalogue, grow_for_split
 from .preflight import preflight
 from .profiles import embed_user_profiles, fit_user_profiles
+from .tracking import start_tracking, tracking_arguments
 from .trainer import LlmRecTrainer, find_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,9 @@ def prepare_training(
         cpu=_distributed_without_gpu(),
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        **tracking_arguments(config),
     )
+    start_tracking(accelerator, config)
     set_seed(settings.seed)
     if accelerator.device.type == "cpu":
         threads = set_cpu_threads(settings.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))

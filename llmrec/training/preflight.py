@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 from ..config import ExperimentConfig
 from ..errors import ConfigError
 from .continuation import check_init_folder
+from .tracking import check_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +24,10 @@ PEFT_ALL_LINEAR = "all-linear"
 def preflight(config: ExperimentConfig, encoder_path: str) -> None:
     """Refuse a config that could only fail late: impossible values, an unwritable output_dir, an encoder
     that lacks the LoRA target modules or is too short for model.max_text_length, a training.init_from folder
-    that is not an llmrec model or was built with other model settings."""
+    that is not an llmrec model or was built with other model settings, a tracker that is not installed."""
     config.validate()  # a config built in Python has not been through load_config
     check_output_dir_writable(Path(config.output_dir))
+    check_tracker(config.training.report_to)
     encoder_config = _encoder_config(encoder_path)
     check_text_length(config, encoder_config)
     if config.lora is not None:
