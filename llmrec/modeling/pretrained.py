@@ -1,4 +1,5 @@
-"""Weights on disk: `LlmRecPreTrainedModel` saves and loads a model folder, strictly and without remote code.
+"""Where a model's weights come from and go: `LlmRecPreTrainedModel` builds one around a pretrained encoder
+(`from_encoder`) and saves and loads a model folder, strictly and without remote code.
 
 A LoRA-tuned encoder is saved as a PEFT adapter beside the rest of the model; loading checks that the
 weights match config.json before anything is built, and refuses a folder that would leave modules random.
@@ -24,8 +25,6 @@ ENCODER_ADAPTER_FOLDER = "encoder_adapter"
 _BACKBONE_PREFIX = "item_encoder.backbone."
 # `from_pretrained` arguments that choose which snapshot of a Hub repo to read.
 _SNAPSHOT_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
-
-IGNORE_INDEX = -100
 
 
 def _raise_on_incomplete_load(
