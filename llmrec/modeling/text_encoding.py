@@ -177,12 +177,8 @@ def embed_tokenized_items(
 
 
 def encode_catalogue(
-    model: LlmRecModel,
-    tokenized_items: dict[str, torch.Tensor],
-    batch_size: int = 256,
-    show_progress: bool = True,
-    precision: str = "fp32",
-    accelerator: Optional[object] = None,
+    model: LlmRecModel, tokenized_items: dict[str, torch.Tensor], batch_size: int = 256, show_progress: bool = True,
+    precision: str = "fp32", accelerator: Optional[object] = None,
 ) -> torch.Tensor:
     """Encode every item text once and store the result in `model.item_text_embeddings` (the catalogue cache).
 
