@@ -150,7 +150,7 @@ def test_the_settings_a_resume_may_change_are_declared_on_the_fields():
 
     assert resumable_settings() == {
         "output_dir", "training.checkpoint_every_steps", "training.cpu_threads", "training.encode_batch_size",
-        "evaluation.batch_size",
+        "training.report_to", "evaluation.batch_size",
     }
     flagged = {name for name, setting in _all_fields(ExperimentConfig) if setting.metadata.get("resumable")}
     assert flagged == resumable_settings()
