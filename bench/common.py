@@ -22,21 +22,31 @@ def load_average() -> list[float]:
         return [round(value, 2) for value in os.getloadavg()]
 
 
-def rounded_load_average() -> list[float]:
-    """`load_average` as os.getloadavg() gives it, to two decimals (the form most results files carry)."""
-    return [round(value, 2) for value in os.getloadavg()]
+def rounded_load_average() -> list[float] | None:
+    """`load_average` as os.getloadavg() gives it, to two decimals (the form most results files carry); None if unknown."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _git(checkout: Path, *arguments: str) -> str:
     return subprocess.run(["git", "-C", str(checkout), *arguments], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def commit_and_dirty(checkout: Path = ROOT) -> tuple[str | None, bool | None]:
+    """The short commit a checkout is at and whether its tracked files differ from it; (None, None) without git."""
+    try:
+        return (_git(checkout, "rev-parse", "--short", "HEAD"),
+                bool(_git(checkout, "status", "--porcelain", "--untracked-files=no")))
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
 def git_commit(checkout: Path = ROOT) -> str:
     """The commit a checkout is at, with '+changes' when its tracked files differ from it."""
-    try:
-        commit = _git(checkout, "rev-parse", "--short", "HEAD")
-        dirty = _git(checkout, "status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError):
+    commit, dirty = commit_and_dirty(checkout)
+    if commit is None:
         return "unknown"
     return f"{commit}+changes" if dirty else commit
 
@@ -72,6 +82,16 @@ def machine() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_average_at_start": load_average(),
     }
+
+
+def table_row(cells: Sequence[Any]) -> str:
+    """One markdown table line, '| a | b |'."""
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def table_header(columns: Sequence[str], align: str = "") -> list[str]:
+    """A markdown table's header and rule in the '| --- |' style; `align` has one letter per column, 'r' right-aligns."""
+    return [table_row(columns), table_row("---:" if side == "r" else "---" for side in align.ljust(len(columns), "l"))]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
