@@ -30,15 +30,16 @@ def rounded_load_average() -> list[float] | None:
         return None
 
 
-def _git(checkout: Path, *arguments: str) -> str:
+def git_output(checkout: Path, *arguments: str) -> str:
+    """What `git -C <checkout> <arguments>` prints, stripped; raises CalledProcessError when git fails."""
     return subprocess.run(["git", "-C", str(checkout), *arguments], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def commit_and_dirty(checkout: Path = ROOT) -> tuple[str | None, bool | None]:
     """The short commit a checkout is at and whether its tracked files differ from it; (None, None) without git."""
     try:
-        return (_git(checkout, "rev-parse", "--short", "HEAD"),
-                bool(_git(checkout, "status", "--porcelain", "--untracked-files=no")))
+        return (git_output(checkout, "rev-parse", "--short", "HEAD"),
+                bool(git_output(checkout, "status", "--porcelain", "--untracked-files=no")))
     except (OSError, subprocess.CalledProcessError):
         return None, None
 
