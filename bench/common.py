@@ -22,6 +22,11 @@ def load_average() -> list[float]:
         return [round(value, 2) for value in os.getloadavg()]
 
 
+def loadavg_text() -> str:
+    """/proc/loadavg as the kernel writes it: the three load averages, running/total tasks and the last pid."""
+    return Path("/proc/loadavg").read_text().strip()
+
+
 def rounded_load_average() -> list[float] | None:
     """`load_average` as os.getloadavg() gives it, to two decimals (the form most results files carry); None if unknown."""
     try:
