@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attention_report import markdown
+from common import cpu_model
 from llmrec import Recommender
 from llmrec.cli import evaluate_saved_model
 from llmrec.config import load_config
@@ -86,16 +88,11 @@ def run_stamp(load_before: float) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import faiss
     import transformers
 
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu_bf16": cpu_has_bf16(),
+        "cpu": cpu_model() or platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu_bf16": cpu_has_bf16(),
         "torch": torch.__version__, "transformers": transformers.__version__, "faiss": faiss.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "load_average_1min_at_start": os.getloadavg()[0],
@@ -318,118 +315,8 @@ def bench_int8_serving(folder: Path, config: Any, histories: list[list[str]], re
     return {"recommend_one_user": timings, "test_ndcg@10": ndcg}
 
 
-# ----- report ---------------------------------------------------------------------------------------
-
-
-def run_line(section: dict[str, Any]) -> list[str]:
-    run = section.get("run")
-    if run is None:
-        return []
-    start, end = run["load_average_1min"]
-    return [f"Ran {run['date']}, {run['torch_threads']} torch thread(s), load average {start:.1f} → {end:.1f}.", ""]
-
-
-def markdown(results: dict[str, Any]) -> str:
-    machine = results["machine"]
-    lines = [
-        "# Attention optimisations (bench/attention.py)",
-        "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, bf16 instructions: {'yes' if machine['cpu_bf16'] else 'no'}; "
-        f"torch {machine['torch']}; latest run {machine['date']}. Other jobs may share the cores (see each section's load "
-        "average); ratios are of interleaved runs.",
-        "",
-    ]
-    lines[-1:-1] = ["", "Sections can come from different runs (`--sections`); each says when it ran, with how many threads and "
-                    "under what 1-minute load average (start → end)."]
-    if "cache" in results:
-        cache = results["cache"]
-        lines += [
-            f"## Serving cache: rerank {cache['num_candidates']} candidates, one user ({cache['history_length']} history items)",
-            "",
-            *run_line(cache),
-            "| path | p50 ms | p99 ms |",
-            "| --- | --- | --- |",
-            *[f"| {name} | {value['p50_ms']:.2f} | {value['p99_ms']:.2f} |" for name, value in cache["timings"].items()],
-            "",
-            f"Full cache vs no cache: **{cache['speedup_vs_no_cache']:.1f}×** (target ≥ 3×: "
-            f"{'met' if cache['speedup_vs_no_cache'] >= 3 else 'missed'}); vs item cache alone: "
-            f"{cache['speedup_vs_item_cache']:.2f}×. Scores: max |Δ| {cache['max_score_difference_cached_vs_projected']:.1e} "
-            f"(cached vs projected per request), {cache['max_score_difference_cached_vs_reencoded']:.1e} (vs re-encoded), "
-            "so NDCG@10 is unchanged.",
-            "",
-        ]
-    if "kernels" in results:
-        kernels = results["kernels"]
-        lines += [
-            "## Kernels: SDPA vs plain softmax(QKᵀ)V (user encoder + reranker)",
-            "",
-            *run_line(kernels),
-            "| scope | SDPA p50 ms | plain p50 ms | speed-up |",
-            "| --- | --- | --- | --- |",
-        ]
-        for scope, label in (("all_users", f"all {kernels['num_users']} users, batches of 256"), ("one_user", "one user")):
-            row = kernels[scope]
-            lines.append(f"| {label} | {row['sdpa']['p50_ms']:.2f} | {row['plain softmax(QK^T)V']['p50_ms']:.2f} | {row['speedup']:.2f}× |")
-        lines += ["", f"Max score difference {kernels['max_score_difference']:.1e}: NDCG@10 unchanged.", ""]
-    if "history" in results:
-        history = results["history"]
-        lines += [
-            f"## Long histories: encode one user + rerank 100 candidates (window {history['window']})",
-            "",
-            *run_line(history),
-            "| history length | window + summary p50 ms | full attention p50 ms |",
-            "| --- | --- | --- |",
-            *[f"| {row['history_length']} | {row['window + summary']:.2f} | {row['full attention']:.2f} |" for row in history["rows"]],
-            "",
-        ]
-        ratio = history["cost_ratio_1000_vs_100"]
-        lines += [
-            f"Cost at 1,000 items / cost at 100: window + summary **{ratio['window + summary']:.2f}×** (target ≤ 3×: "
-            f"{'met' if ratio['window + summary'] <= 3 else 'missed'}); full attention {ratio['full attention']:.2f}×.",
-            "",
-        ]
-    if "precision" in results:
-        precision = results["precision"]
-        lines += [
-            f"## Precision: catalogue encoding ({precision['num_texts']} texts, batch {precision['batch_size']})",
-            "",
-            *run_line(precision),
-            "| variant | texts/s | speed-up | cosine to fp32 (mean / min) | test NDCG@10 retrieval | rerank | Δ rerank |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for name, value in precision["catalogue_encoding"].items():
-            lines.append(
-                f"| {name} | {value['texts_per_second']:.0f} | {value['speedup']:.2f}× | {value['cosine_to_fp32_mean']:.5f} / "
-                f"{value['cosine_to_fp32_min']:.5f} | {value['test_ndcg@10']['retrieval']:.4f} | "
-                f"{value['test_ndcg@10']['rerank']:.4f} | {100 * value['ndcg_relative_change']['rerank']:+.1f} % |"
-            )
-        variants = {name: value for name, value in precision["catalogue_encoding"].items() if name != "fp32"}
-        passing = [name for name, value in variants.items()
-                   if value["speedup"] >= 1.8 and min(value["ndcg_relative_change"].values()) >= -0.01]
-        best = max(variants, key=lambda name: variants[name]["speedup"])
-        lines += [
-            "",
-            "Target ≥ 1.8 × fp32 with NDCG@10 (retrieval and rerank) at most 1 % lower: "
-            + (f"**met** by {', '.join(passing)}." if passing
-               else f"**missed** (fastest: {best}, {variants[best]['speedup']:.2f}×)."),
-        ]
-        lines.append("")
-    if "int8_serving" in results:
-        serving = results["int8_serving"]
-        timing, ndcg = serving["recommend_one_user"], serving["test_ndcg@10"]
-        lines += [
-            "## int8 serving: `Recommender.from_pretrained(..., quantize=\"int8\")`, `recommend(k=10)` for one user",
-            "",
-            *run_line(serving),
-            "| model | p50 ms | p99 ms | test NDCG@10 rerank |",
-            "| --- | --- | --- | --- |",
-            *[f"| {name} | {timing[name]['p50_ms']:.2f} | {timing[name]['p99_ms']:.2f} | {ndcg[name]['rerank']:.4f} |" for name in ("fp32", "int8")],
-            "",
-        ]
-    return "\n".join(lines)
-
-
-def main() -> None:
+def parse_arguments() -> tuple[argparse.Namespace, list[str]]:
+    """The options and the sections to run; exits with a usage error for an unknown section or a missing model."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "runs" / "ml100k"), help="A trained MovieLens-100k model folder.")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"Comma-separated subset of {','.join(SECTIONS)}.")
@@ -444,15 +331,16 @@ def main() -> None:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
-    folder = Path(args.model)
-    if not (folder / "config.json").is_file():
+    if not (Path(args.model) / "config.json").is_file():
         parser.error(
-            f"{folder} holds no trained model; create it with "
+            f"{Path(args.model)} holds no trained model; create it with "
             "`accelerate launch scripts/finetune.py --config configs/ml100k.yaml --output_dir runs/ml100k`."
         )
-    repeats = 10 if args.quick else args.repeats
-    started = time.perf_counter()
+    return args, sections
 
+
+def run_sections(sections: list[str], folder: Path, repeats: int, quick: bool) -> dict[str, Any]:
+    """Each requested section on the model in `folder`, stamped with the load it ran under."""
     recommender = Recommender.from_pretrained(folder)
     config = load_config(folder / "config.yaml")
     split = build_split(load_interaction_data(config.data), config.data)
@@ -476,28 +364,40 @@ def main() -> None:
     if "precision" in sections:
         logger.info("Precision (catalogue encoding and NDCG)...")
         load_before = os.getloadavg()[0]
-        results["precision"] = {**bench_precision(recommender, config, tokenized, 2 if args.quick else 5), "run": run_stamp(load_before)}
+        results["precision"] = {**bench_precision(recommender, config, tokenized, 2 if quick else 5), "run": run_stamp(load_before)}
         raw_histories = [[split.item_ids[index - 1] for index in history] for history in split.test.histories]
         load_before = os.getloadavg()[0]
         results["int8_serving"] = {**bench_int8_serving(folder, config, raw_histories, repeats), "run": run_stamp(load_before)}
     results["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
-    results["wall_seconds"] = time.perf_counter() - started
+    return results
+
+
+def save_results(results: dict[str, Any], sections: list[str], output_dir: Path) -> None:
+    """attention.json and attention.md; a partial re-run keeps the sections it did not run from the previous file."""
     report = markdown(results)
-    print(report)  # the table is this script's output
+    previous = output_dir / "attention.json"
+    if previous.is_file() and set(sections) != set(SECTIONS):
+        # A partial re-run replaces its own sections and keeps the others (each records its machine state).
+        kept = json.loads(previous.read_text())
+        for name in set(SECTIONS) - set(sections):
+            for key in (name, "int8_serving") if name == "precision" else (name,):
+                if key in kept:
+                    results[key] = kept[key]
+        report = markdown(results)
+    (output_dir / "attention.json").write_text(json.dumps(results, indent=2) + "\n")
+    (output_dir / "attention.md").write_text(report + "\n")
+    logger.info("Wrote %s and %s.", output_dir / "attention.json", output_dir / "attention.md")
+
+
+def main() -> None:
+    args, sections = parse_arguments()
+    repeats = 10 if args.quick else args.repeats
+    started = time.perf_counter()
+    results = run_sections(sections, Path(args.model), repeats, args.quick)
+    results["wall_seconds"] = time.perf_counter() - started
+    print(markdown(results))  # the table is this script's output
     if not args.quick:
-        output_dir = Path(args.output_dir)
-        previous = output_dir / "attention.json"
-        if previous.is_file() and set(sections) != set(SECTIONS):
-            # A partial re-run replaces its own sections and keeps the others (each records its machine state).
-            kept = json.loads(previous.read_text())
-            for name in set(SECTIONS) - set(sections):
-                for key in (name, "int8_serving") if name == "precision" else (name,):
-                    if key in kept:
-                        results[key] = kept[key]
-            report = markdown(results)
-        (output_dir / "attention.json").write_text(json.dumps(results, indent=2) + "\n")
-        (output_dir / "attention.md").write_text(report + "\n")
-        logger.info("Wrote %s and %s.", output_dir / "attention.json", output_dir / "attention.md")
+        save_results(results, sections, Path(args.output_dir))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from serving_ab import build_folder  # noqa: E402  (the ml100k-shaped model, one builder for both benchmarks)
+from common import load_average, loadavg_text, markdown_table, write_results  # noqa: E402
+from serving_ab import model_and_histories_files, stop_workers  # noqa: E402  (the ml100k-shaped model, one builder for both benchmarks)
 
 WORKER = r"""
 import json, sys, time, gc
@@ -91,31 +92,27 @@ def compare(base: list, this: list) -> dict:
     return {"same_ranking": bool(same), "max_score_difference": float(gap)}
 
 
-def write_markdown(summary: dict, path: Path) -> None:
+def render_markdown(summary: dict) -> str:
+    """bench/results/batch_speed.md: every round, then the medians and whether both checkouts answered alike."""
+    rounds = [[number, f"{entry['load1']:.2f}", f"{entry['base']['single']:.0f}", f"{entry['base']['batch']:.0f}",
+               f"{entry['this']['single']:.0f}", f"{entry['this']['batch']:.0f}"]
+              for number, entry in enumerate(summary["rounds"], start=1)]
+    median = summary["median"]
+    medians = [[name, f"{median[name]['single']:.0f}", f"{median[name]['batch']:.0f}", f"{median[name]['ratio']:.2f}x"]
+               for name in ("base", "this")]
     lines = [
         "# recommend_batch vs one-by-one recommend (issue 18)", "",
         f"{summary['date']}, {summary['cpus']} CPUs, torch threads {summary['threads']}, {summary['users']} MovieLens-100k users "
         f"(full histories, window 200), k=10, ml100k-shaped random model. `bench/batch_speed.py --base {summary['base']}`.", "",
-        "| round | load1 | base single u/s | base batch u/s | this single u/s | this batch u/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for number, entry in enumerate(summary["rounds"], start=1):
-        lines.append(f"| {number} | {entry['load1']:.2f} | {entry['base']['single']:.0f} | {entry['base']['batch']:.0f} | "
-                     f"{entry['this']['single']:.0f} | {entry['this']['batch']:.0f} |")
-    median = summary["median"]
-    lines += [
+        markdown_table(["round", "load1", "base single u/s", "base batch u/s", "this single u/s", "this batch u/s"], rounds),
         "", "Medians over rounds (users/s):", "",
-        "| checkout | one-by-one recommend | recommend_batch (943) | batch / single |", "|---|---|---|---|",
-    ]
-    for name in ("base", "this"):
-        lines.append(f"| {name} | {median[name]['single']:.0f} | {median[name]['batch']:.0f} | {median[name]['ratio']:.2f}x |")
-    lines += [
+        markdown_table(["checkout", "one-by-one recommend", "recommend_batch (943)", "batch / single"], medians),
         "", f"recommend_batch speed-up this / base: {summary['batch_speedup']:.2f}x; one-user recommend this / base: "
         f"{summary['single_speedup']:.2f}x.",
         f"Answers: same ranking for every user: {summary['answers']['same_ranking']}; largest score difference "
         f"{summary['answers']['max_score_difference']:.2e}.", f"/proc/loadavg at the end: {summary['loadavg_end']}.", "",
     ]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -128,10 +125,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (2 on a loaded 2-core machine spins in OpenMP).")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench-batch-speed"))
     args = parser.parse_args()
-    workdir = Path(args.workdir)
-    folder, histories_file = workdir / "model", workdir / "histories.json"
-    if not (folder / "config.json").is_file():
-        build_folder(folder)
+    folder, histories_file = model_and_histories_files(Path(args.workdir))
     histories = ml100k_histories()
     histories_file.write_text(json.dumps(histories))
     checkouts = {"base": Path(args.base).resolve(), "this": ROOT}
@@ -140,7 +134,7 @@ def main() -> None:
     rounds = []
     try:
         for number in range(args.rounds):
-            load = float(Path("/proc/loadavg").read_text().split()[0])
+            load = load_average()[0]
             entry = {"load1": load}
             for name in ("base", "this") if number % 2 == 0 else ("this", "base"):
                 entry[name] = {"single": args.singles / timed(workers[name], "single", args.singles),
@@ -149,9 +143,7 @@ def main() -> None:
             print(f"round {number + 1} (load1 {load:.2f}): " + ", ".join(
                 f"{name} single {entry[name]['single']:.0f} u/s batch {entry[name]['batch']:.0f} u/s" for name in checkouts), flush=True)
     finally:
-        for worker in workers.values():
-            worker.stdin.close()
-            worker.wait()
+        stop_workers(workers)
     median = {name: {kind: float(np.median([entry[name][kind] for entry in rounds])) for kind in ("single", "batch")}
               for name in checkouts}
     for values in median.values():
@@ -162,12 +154,10 @@ def main() -> None:
         "batch_speedup": median["this"]["batch"] / median["base"]["batch"],
         "single_speedup": median["this"]["single"] / median["base"]["single"],
         "answers": compare(started["base"][1], started["this"][1]),
-        "loadavg_end": Path("/proc/loadavg").read_text().strip(), "cpus": os.cpu_count(),
+        "loadavg_end": loadavg_text(), "cpus": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    results = ROOT / "bench" / "results"
-    (results / "batch_speed.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_markdown(summary, results / "batch_speed.md")
+    write_results("batch_speed", summary, render_markdown(summary))
     print(f"batch/single: base {median['base']['ratio']:.2f}x, this {median['this']['ratio']:.2f}x; answers {summary['answers']}")
 
 

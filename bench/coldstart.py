@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import re
 import time
 from pathlib import Path
@@ -38,28 +37,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from coldstart_common import SYSTEMS, _random_expectation, _replace_block, machine_line
+from coldstart_users import run_cold_users
+from common import table_header
 from llmrec import Recommender
 from llmrec.config import load_config
-from llmrec.data import EvaluationExamples, build_split, load_interaction_data
+from llmrec.data import build_split, load_interaction_data
 from llmrec.evaluation import (
     evaluate_ranking,
     popularity_scores,
-    profile_score_functions,
     rerank_score_function,
     retrieval_score_function,
     scores_from_candidates,
 )
 from llmrec.finetune import run_finetune
-from llmrec.training.profiles import embed_user_profiles
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = {  # model overrides of each learned system
-    "ID-only": {"use_text_embeddings": False, "use_id_embeddings": True},
-    "text-only": {"use_text_embeddings": True, "use_id_embeddings": False},
-    "hybrid": {"use_text_embeddings": True, "use_id_embeddings": True},
-}
 TABLE_START, TABLE_END = "<!-- coldstart-table:start -->", "<!-- coldstart-table:end -->"
-USERS_TABLE_START, USERS_TABLE_END = "<!-- coldstart-users-table:start -->", "<!-- coldstart-users-table:end -->"
 
 logger = logging.getLogger("bench.coldstart")
 
@@ -117,11 +111,37 @@ def run_cold_items(args: argparse.Namespace) -> None:
         "cold": _evaluate(popularity_scores(popularity), cold, split.num_items),
         "warm": _evaluate(popularity_scores(popularity), warm, split.num_items),
     }
-    # References that cheat on purpose: item popularity counted over the whole log, held-out interactions
-    # included (what a popularity ranker could at best do on cold items), and the same restricted to cold items.
+    results["references"] = _references(data, split)
+
+    systems = {name: SYSTEMS[name] for name in args.systems}
+    if args.ablation:
+        systems["hybrid, unseen items as negatives"] = {**SYSTEMS["hybrid"], "exclude_unseen_items_from_loss": False}
+    for name, system_overrides in systems.items():
+        entry = _learned_system(name, system_overrides, base_overrides, split, args)
+        results["systems"][name] = entry
+        logger.info("%s: %s", name, json.dumps({stage: entry[stage] for stage in ("retrieval", "rerank")}))
+
+    results["run"] = {
+        "machine": machine_line(args.threads),
+        "load_average": os.getloadavg(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "command": _cold_items_command(args),
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    _write_table(Path(args.readme), results)
+    print(render_table(results))
+
+
+def _references(data, split) -> dict:
+    """References that cheat on purpose, and the random expectation."""
+    cold, warm = split.cold_test, split.test
+    # Item popularity counted over the whole log, held-out interactions included (what a popularity ranker
+    # could at best do on cold items), and the same restricted to cold items.
     oracle = _full_log_popularity(data, split)
     cold_only = np.where(np.isin(np.arange(len(oracle)), split.cold_item_indices), oracle, -1.0)
-    results["references"] = {
+    return {
         "popularity, full log (oracle)": {"cold": _evaluate(popularity_scores(oracle), cold, split.num_items)},
         "popularity among cold items (oracle)": {"cold": _evaluate(popularity_scores(cold_only), cold, split.num_items),
                                                  "cold_among_cold": _evaluate(popularity_scores(cold_only), cold, split.num_items)},
@@ -130,55 +150,46 @@ def run_cold_items(args: argparse.Namespace) -> None:
                               "warm": _random_expectation(warm, split.num_items)},
     }
 
-    systems = {name: SYSTEMS[name] for name in args.systems}
-    if args.ablation:
-        systems["hybrid, unseen items as negatives"] = {**SYSTEMS["hybrid"], "exclude_unseen_items_from_loss": False}
-    for name, system_overrides in systems.items():
-        model_overrides = dict(system_overrides)
-        if name.startswith("hybrid") and args.id_dropout is not None:
-            model_overrides["id_dropout"] = args.id_dropout
-        if name.startswith("hybrid") and args.id_residual_max_ratio is not None:
-            model_overrides["id_residual_max_ratio"] = args.id_residual_max_ratio
-        run_dir = Path(args.work_dir) / re.sub(r"\W+", "_", name.lower())
-        overrides = {**base_overrides, "output_dir": str(run_dir), "model": model_overrides}
-        system_start = time.perf_counter()
-        run_results = run_finetune(load_config(args.config, overrides))
-        recommender = Recommender.from_pretrained(run_dir)
-        pipeline = recommender.pipeline
-        entry = {}
-        cold_items = np.asarray(split.cold_item_indices, dtype=np.int64)
-        for stage, score_function in (("retrieval", retrieval_score_function), ("rerank", rerank_score_function)):
-            entry[stage] = {
-                "cold": _evaluate(score_function(pipeline, split.num_items), cold, split.num_items),
-                "cold_among_cold": _evaluate(_among(pipeline, stage, cold_items, split.num_items), cold, split.num_items),
-                "warm": run_results["test"][stage],
-            }
-        entry["valid_warm"] = {stage: run_results["valid"][stage] for stage in ("retrieval", "rerank")}
-        entry["best_valid_epochs"] = run_results["best_valid_epochs"]
-        entry["diagnostics"] = _cold_bias_diagnostics(recommender, split)
-        entry["seconds"] = round(time.perf_counter() - system_start, 1)
-        results["systems"][name] = entry
-        logger.info("%s: %s", name, json.dumps({stage: entry[stage] for stage in ("retrieval", "rerank")}))
 
-    results["run"] = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or 'unknown model'}), "
-                   f"torch {torch.__version__}, {args.threads} thread(s)",
-        "load_average": os.getloadavg(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "command": "python bench/coldstart.py " + " ".join(
-            f"--{key.replace('_', '-')} {value}" for key, value in [
-                ("retrieval_epochs", args.retrieval_epochs), ("rerank_epochs", args.rerank_epochs),
-                ("cold_item_fraction", args.cold_item_fraction), ("cold_item_selection", args.cold_item_selection)]
-        ) + (f" --id-dropout {args.id_dropout}" if args.id_dropout is not None else "")
-          + (f" --id-residual-max-ratio {args.id_residual_max_ratio}" if args.id_residual_max_ratio is not None else "")
-          + (f" --seed {args.seed}" if args.seed is not None else "")
-          + (" --ablation" if args.ablation else ""),
-    }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    _write_table(Path(args.readme), results)
-    print(render_table(results))
+def _learned_system(name: str, system_overrides: dict, base_overrides: dict, split, args: argparse.Namespace) -> dict:
+    """Train one learned system on the cold-items split and evaluate it on cold and warm test users."""
+    cold = split.cold_test
+    model_overrides = dict(system_overrides)
+    if name.startswith("hybrid") and args.id_dropout is not None:
+        model_overrides["id_dropout"] = args.id_dropout
+    if name.startswith("hybrid") and args.id_residual_max_ratio is not None:
+        model_overrides["id_residual_max_ratio"] = args.id_residual_max_ratio
+    run_dir = Path(args.work_dir) / re.sub(r"\W+", "_", name.lower())
+    overrides = {**base_overrides, "output_dir": str(run_dir), "model": model_overrides}
+    system_start = time.perf_counter()
+    run_results = run_finetune(load_config(args.config, overrides))
+    recommender = Recommender.from_pretrained(run_dir)
+    pipeline = recommender.pipeline
+    entry = {}
+    cold_items = np.asarray(split.cold_item_indices, dtype=np.int64)
+    for stage, score_function in (("retrieval", retrieval_score_function), ("rerank", rerank_score_function)):
+        entry[stage] = {
+            "cold": _evaluate(score_function(pipeline, split.num_items), cold, split.num_items),
+            "cold_among_cold": _evaluate(_among(pipeline, stage, cold_items, split.num_items), cold, split.num_items),
+            "warm": run_results["test"][stage],
+        }
+    entry["valid_warm"] = {stage: run_results["valid"][stage] for stage in ("retrieval", "rerank")}
+    entry["best_valid_epochs"] = run_results["best_valid_epochs"]
+    entry["diagnostics"] = _cold_bias_diagnostics(recommender, split)
+    entry["seconds"] = round(time.perf_counter() - system_start, 1)
+    return entry
+
+
+def _cold_items_command(args: argparse.Namespace) -> str:
+    """The command line that repeats this run, as the README quotes it."""
+    return "python bench/coldstart.py " + " ".join(
+        f"--{key.replace('_', '-')} {value}" for key, value in [
+            ("retrieval_epochs", args.retrieval_epochs), ("rerank_epochs", args.rerank_epochs),
+            ("cold_item_fraction", args.cold_item_fraction), ("cold_item_selection", args.cold_item_selection)]
+    ) + (f" --id-dropout {args.id_dropout}" if args.id_dropout is not None else "") \
+      + (f" --id-residual-max-ratio {args.id_residual_max_ratio}" if args.id_residual_max_ratio is not None else "") \
+      + (f" --seed {args.seed}" if args.seed is not None else "") \
+      + (" --ablation" if args.ablation else "")
 
 
 def _protocol(split, config) -> dict:
@@ -210,19 +221,6 @@ def _among(pipeline, stage: str, allowed: np.ndarray, num_items: int):
         return scores_from_candidates(torch.as_tensor(candidates), torch.as_tensor(candidate_scores).cpu(), num_items)
 
     return score
-
-
-def _random_expectation(examples, num_items: int, among_cold: bool = False) -> dict:
-    """NDCG@10 / HR@10 of a uniformly random ranking, averaged over the examples' candidate counts.
-
-    Cold histories hold no cold item, so among the cold items every one of them is a candidate.
-    """
-    ndcg, hr = [], []
-    for history in examples.histories:
-        candidates = num_items if among_cold else num_items - len(set(history))
-        hr.append(min(10, candidates) / candidates)
-        ndcg.append(sum(1.0 / np.log2(rank + 2) for rank in range(min(10, candidates))) / candidates)
-    return {"ndcg@10": float(np.mean(ndcg)), "hr@10": float(np.mean(hr))}
 
 
 def _full_log_popularity(data, split) -> np.ndarray:
@@ -260,8 +258,8 @@ def _cold_bias_diagnostics(recommender: Recommender, split) -> dict:
 def render_table(results: dict) -> str:
     columns = [("cold", "ndcg@10"), ("cold", "hr@10"), ("cold_among_cold", "ndcg@10"), ("cold_among_cold", "hr@10"),
                ("warm", "ndcg@10"), ("warm", "hr@10")]
-    rows = ["| system | cold NDCG@10 | cold HR@10 | cold among cold NDCG@10 | cold among cold HR@10 | warm NDCG@10 | "
-            "warm HR@10 |", "| --- " * 7 + "|"]
+    rows = table_header(["system", "cold NDCG@10", "cold HR@10", "cold among cold NDCG@10", "cold among cold HR@10",
+                         "warm NDCG@10", "warm HR@10"])
 
     def cells(metrics: dict) -> str:
         return " | ".join(f"{metrics[part][name]:.4f}" if part in metrics else "–" for part, name in columns)
@@ -277,156 +275,11 @@ def render_table(results: dict) -> str:
 
 def _write_table(readme: Path, results: dict) -> None:
     """Replace the table between the markers (the rest of the README is written by hand)."""
-    block = f"{TABLE_START}\n{render_table(results)}\n\n{results['run']['machine']}; wall time " \
-            f"{results['run']['wall_seconds'] / 60:.1f} min; `{results['run']['command']}`.\n{TABLE_END}"
-    text = readme.read_text() if readme.is_file() else f"# Benchmarks\n\n{TABLE_START}\n{TABLE_END}\n"
-    if TABLE_START not in text:
-        text += f"\n{TABLE_START}\n{TABLE_END}\n"
-    readme.write_text(re.sub(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), lambda _: block, text, flags=re.S))
+    _replace_block(readme, TABLE_START, TABLE_END, f"{render_table(results)}\n\n{results['run']['machine']}; wall time "
+                   f"{results['run']['wall_seconds'] / 60:.1f} min; `{results['run']['command']}`.")
 
 
 
-# ----- cold users ------------------------------------------------------------------------------------
-
-
-def run_cold_users(args: argparse.Namespace) -> None:
-    started = time.perf_counter()
-    run_dir = Path(args.work_dir) / "cold_users_hybrid_profiles"
-    overrides = {
-        "output_dir": str(run_dir),
-        "data": {"split": "cold_users", "cold_user_fraction": args.cold_user_fraction, "cold_user_history_length": 3},
-        "model": {**SYSTEMS["hybrid"], "use_user_profiles": True},
-        "training": {"retrieval_epochs": args.retrieval_epochs, "rerank_epochs": args.rerank_epochs,
-                     "profile_epochs": args.profile_epochs, "cpu_threads": args.threads},
-    }
-    config = load_config(args.config, overrides)
-    data = load_interaction_data(config.data)
-    split = build_split(data, config.data)
-    cold, num_items = split.cold_test, split.num_items
-    run_results = run_finetune(config)
-
-    recommender = Recommender.from_pretrained(run_dir)
-    pipeline = recommender.pipeline
-    profiles = [split.user_profiles[user] for user in cold.user_indices]
-    if any(profile is None for profile in profiles):
-        raise RuntimeError("Every MovieLens-100k user has a row in ml-100k.user; a cold user without a profile means "
-                           "the users file was not read.")
-    embeddings, has_profile = embed_user_profiles(recommender.model, recommender.tokenizer, profiles)
-    nothing = [[] for _ in cold.targets]
-    first_one, first_three = [history[:1] for history in cold.histories], [history[:3] for history in cold.histories]
-
-    def from_history():
-        return {"retrieval": retrieval_score_function(pipeline, num_items), "rerank": rerank_score_function(pipeline, num_items)}
-
-    def with_profile():  # single-pass score functions: a fresh pair per evaluation
-        return profile_score_functions(pipeline, embeddings, has_profile, num_items)
-
-    rows = [
-        ("popularity", "nothing", nothing, {"ranking": popularity_scores(split.item_popularity())}),
-        ("*popularity in the user's gender × occupation group (reference)*", "gender, occupation", nothing,
-         {"ranking": _group_popularity_scores(data, split, cold.user_indices)}),
-        ("hybrid", "first item", first_one, from_history()),
-        ("hybrid", "first 3 items", first_three, from_history()),
-        ("hybrid", "profile only", nothing, with_profile()),
-        ("hybrid", "profile + first item", first_one, with_profile()),
-        ("hybrid", "profile + first 3 items", first_three, with_profile()),
-    ]
-    results: dict = {"protocol": _users_protocol(split, config), "rows": []}
-    for system, knows, histories, score_functions in rows:
-        metrics = {stage: evaluate_ranking(score_function, histories, cold.targets, num_items, ks=[10, 20],
-                                           desc=f"{system} / {knows} / {stage}")
-                   for stage, score_function in score_functions.items()}
-        results["rows"].append({"system": system, "knows": knows, **metrics})
-    results["rows"].append({"system": "*random (expected)*", "knows": "nothing",
-                            "ranking": _random_expectation(EvaluationExamples(histories=nothing), num_items)})
-    # The same examples as run_finetune's own evaluation (first 3 items = cold_test), kept as a cross-check.
-    results["run_finetune"] = {name: run_results[name] for name in ("cold_test", "cold_test_with_profile",
-                                                                    "cold_test_profile_only", "test")}
-    results["best_valid_epochs"] = run_results["best_valid_epochs"]
-    results["profile_training_losses"] = run_results["profile_training_losses"]
-    results["timings"] = {name: round(value, 1) for name, value in run_results["timings"].items()}
-    results["caps"] = {"retrieval_epochs": args.retrieval_epochs, "rerank_epochs": args.rerank_epochs,
-                       "profile_epochs": args.profile_epochs,
-                       "early_stopping_patience": config.training.early_stopping_patience}
-    results["run"] = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or 'unknown model'}), "
-                   f"torch {torch.__version__}, {args.threads} thread(s)",
-        "load_average": os.getloadavg(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "command": f"python bench/coldstart.py --split cold_users --retrieval-epochs {args.retrieval_epochs} "
-                   f"--rerank-epochs {args.rerank_epochs} --profile-epochs {args.profile_epochs} "
-                   f"--cold-user-fraction {args.cold_user_fraction} --threads {args.threads}",
-    }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    table = render_users_table(results)
-    _replace_block(Path(args.readme), USERS_TABLE_START, USERS_TABLE_END,
-                   f"{table}\n\n{results['run']['machine']}; wall time {results['run']['wall_seconds'] / 60:.1f} min; "
-                   f"`{results['run']['command']}`.")
-    print(table)
-
-
-def _users_protocol(split, config) -> dict:
-    return {
-        "data": "MovieLens-100k (RecBole copy: ml-100k.inter, .item, .user), every interaction a positive",
-        "split": f"cold_users, {config.data.cold_user_fraction:.0%} of the users held out of training "
-                 f"(seed {config.data.seed})",
-        "cold_users": len(split.cold_test),
-        "target": "each cold user's 4th interaction (after their first 3), the same for every row",
-        "profile": f"data.user_profile_template {config.data.user_profile_template!r}, e.g. "
-                   f"{split.user_profiles[split.cold_test.user_indices[0]]!r}",
-        "num_items": split.num_items,
-        "ranking": "full catalogue, the row's history removed, ties against the target",
-    }
-
-
-def _group_popularity_scores(data, split, users: list[int]):
-    """Training popularity among users of the same gender and occupation as each cold user (global popularity
-    breaks ties): what the demographic profile alone could tell without any learning. Follows the cold users
-    in order, batch by batch, as `evaluate_ranking` passes them."""
-    attributes = data.users.to_pandas().set_index("user_id")
-    group_of = {user_id: (row.gender, row.occupation) for user_id, row in attributes.iterrows()}
-    overall = split.item_popularity()
-    counts: dict = {}
-    for user, sequence in enumerate(split.train_sequences):
-        if sequence:
-            group = group_of[split.user_ids[user]]
-            counts.setdefault(group, np.zeros(split.num_items + 1))
-            counts[group] += np.bincount(sequence, minlength=split.num_items + 1)
-    rows = np.stack([counts.get(group_of[split.user_ids[user]], 0.0) + overall / (overall.sum() + 1.0) for user in users])
-    rows[:, 0] = -np.inf
-    scores = torch.as_tensor(rows, dtype=torch.float64)
-    position = 0
-
-    def score(histories):
-        nonlocal position
-        batch = scores[position : position + len(histories)]
-        position += len(histories)
-        return batch
-
-    return score
-
-
-def render_users_table(results: dict) -> str:
-    lines = ["| system | knows about the user | NDCG@10 | HR@10 | + rerank NDCG@10 | + rerank HR@10 |",
-             "| --- " * 6 + "|"]
-    for row in results["rows"]:
-        first = row.get("ranking", row.get("retrieval"))
-        rerank = row.get("rerank")
-        cells = [f"{first['ndcg@10']:.4f}", f"{first['hr@10']:.4f}"]
-        cells += [f"{rerank['ndcg@10']:.4f}", f"{rerank['hr@10']:.4f}"] if rerank else ["–", "–"]
-        lines.append(f"| {row['system']} | {row['knows']} | {' | '.join(cells)} |")
-    return "\n".join(lines)
-
-
-def _replace_block(readme: Path, start: str, end: str, block: str) -> None:
-    """Replace the text between two markers (the rest of the README is written by hand)."""
-    text = readme.read_text() if readme.is_file() else f"# Benchmarks\n\n{start}\n{end}\n"
-    if start not in text:
-        text += f"\n{start}\n{end}\n"
-    readme.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{block}\n{end}", text,
-                             flags=re.S))
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,6 @@ Writes `bench/results/long_history.json` and `bench/results/long_history.md`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from common import table_header, write_json_and_markdown
 from llmrec import Recommender
 from llmrec.config import load_config
 from llmrec.data import build_split, load_interaction_data
@@ -100,25 +100,30 @@ def main() -> None:
         "load_average_1min_at_end": os.getloadavg()[0],
         "command": "python bench/long_history.py " + " ".join(sys.argv[1:]),
     }
-    output = Path(args.output)
-    output.write_text(json.dumps(results, indent=2) + "\n")
+    markdown = render_markdown(results)
+    write_json_and_markdown(Path(args.output), results, markdown)
+    print(markdown)
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """long_history.md: NDCG@10 / HR@10 of each window, over all test users and over the long-history ones."""
+    window = results["window"]
     lines = [
-        f"# Long histories: window {args.window} with and without the summary token (MovieLens-100k, seed {args.seed})",
+        f"# Long histories: window {window} with and without the summary token (MovieLens-100k, seed {results['seed']})",
         "",
-        f"Test NDCG@10 / HR@10; \"long\" = the {len(long_users)} of {results['test_users']} test users whose history "
-        f"is longer than {args.window} items (the only ones the summary token can change).",
+        f"Test NDCG@10 / HR@10; \"long\" = the {results['long_users']} of {results['test_users']} test users whose history "
+        f"is longer than {window} items (the only ones the summary token can change).",
         "",
-        "| model | retrieval NDCG@10 all | HR@10 all | NDCG@10 long | HR@10 long | rerank NDCG@10 all | NDCG@10 long |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        *table_header(["model", "retrieval NDCG@10 all", "HR@10 all", "NDCG@10 long", "HR@10 long", "rerank NDCG@10 all",
+                       "NDCG@10 long"]),
     ]
     for name, run in results["runs"].items():
         retrieval, rerank = run["retrieval"], run["rerank"]
         lines.append(f"| {name} | {retrieval['all']['ndcg@10']:.4f} | {retrieval['all']['hr@10']:.4f} | "
                      f"{retrieval['long']['ndcg@10']:.4f} | {retrieval['long']['hr@10']:.4f} | "
                      f"{rerank['all']['ndcg@10']:.4f} | {rerank['long']['ndcg@10']:.4f} |")
-    lines += ["", f"{results['date']}, {args.threads} thread(s); `{results['command']}`.", ""]
-    output.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    lines += ["", f"{results['date']}, {results['threads']} thread(s); `{results['command']}`.", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ half of the runs; the commit is recorded. Writes `bench/results/quality.json` an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import logging
@@ -42,32 +41,16 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
+from common import cpu_model, git_output
 from llmrec.config import load_config
 from llmrec.data import build_split, load_interaction_data
 from llmrec.evaluation import ItemKNN, evaluate_systems, popularity_scores
+from quality_report import _rows, render_markdown, render_table
+from quality_systems import DATASETS, LEARNED_SYSTEMS, SYSTEMS
 
 ROOT = Path(__file__).resolve().parent.parent
-LEARNED_SYSTEMS = {  # system -> finetune.py overrides; retrieval-only systems never train the head
-    "id-only": ["--model.use_text_embeddings", "false", "--training.rerank_epochs", "0"],
-    "text-only": ["--model.use_id_embeddings", "false", "--training.rerank_epochs", "0"],
-    "hybrid": [],
-    # The hybrid's stage 1 alone: where stage 2 does not fit the time budget (amazon-beauty on 2 cores).
-    "hybrid-stage1": ["--training.rerank_epochs", "0"],
-}
-SYSTEMS = ["popularity", "itemknn", *LEARNED_SYSTEMS]
-ROWS = [  # (row label, system, stage of eval_results.json)
-    ("Most popular", "popularity", None),
-    ("ItemKNN (co-occurrence cosine)", "itemknn", None),
-    ("ID-only (SASRec-style) retrieval", "id-only", "retrieval"),
-    ("text-only retrieval", "text-only", "retrieval"),
-    ("hybrid retrieval", "hybrid", "retrieval"),
-    ("hybrid retrieval (stage-1-only run)", "hybrid-stage1", "retrieval"),
-    ("hybrid retrieval + rerank", "hybrid", "rerank"),
-]
-METRICS = ["hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "hr@100"]
 KNN_NEIGHBORS = [2, 5, 10, 20, 50, 100, 200, 0]  # 0 = every item
 KNN_SHRINKAGE = [0.0, 5.0, 20.0, 100.0]
 QUICK_EXTRA = "--training.retrieval_epochs 1 --training.rerank_epochs 1"
@@ -75,37 +58,6 @@ QUICK_EXTRA = "--training.retrieval_epochs 1 --training.rerank_epochs 1"
 # among the FAISS candidates the head sees), since the candidates are retrieval's top num_candidates (100).
 RECALL_KS = "--evaluation.ks 10,20,100"
 
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """A benchmark data set: its default config, the files' results suffix and the published figures."""
-
-    config: str
-    suffix: str
-    description: str
-    published: str
-
-
-DATASETS = {
-    "ml100k": Dataset(
-        "configs/ml100k.yaml", "", "MovieLens-100k (RecBole copy), every interaction a positive",
-        "Published, similar protocol (NDCG@10 / HR@10): SASRec 0.052 / 0.099, LRURec 0.071 / 0.143, LlamaRec "
-        "(7B LLM reranker) 0.076 / 0.152 (LlamaRec paper, Table 1); BPR-MF (RecBole, measured here) 0.0673 / 0.1241."),
-    "ml1m": Dataset(
-        "configs/ml1m.yaml", "_ml1m", "MovieLens-1M, SASRec/BERT4Rec version (../shared/data/ml-1m), positions for time",
-        "Published full-ranking figures on this exact version (HR@10 / NDCG@10, from ../shared/data/README.md): "
-        "SASRec with full cross-entropy (Klenitskiy & Vasilev, RecSys 2023) HR@10 0.315; gSASRec HR@10 0.300; "
-        "BERT4Rec 0.284 / 0.154; GRU4Rec 0.281 / 0.165. On a 3,706-item ML-1M: HSTU-large (ICML 2024) 0.329 / 0.189, "
-        "eSASRec (RecSys 2025) 0.313 / 0.177. Same protocol as here (leave-one-out, full ranking, history removed)."),
-    "amazon-beauty": Dataset(
-        "configs/amazon_beauty.yaml", "_amazon_beauty",
-        "Amazon Beauty 2014, LlamaRec preprocessing (../shared/data/amazon-beauty), positions for time",
-        "Published full-ranking figures on this exact version (NDCG@10 / HR@10, from ../shared/data/README.md): "
-        "LRURec 0.0533 / 0.0916, LlamaRec (LRURec + Llama-2-7B reranker over the top 20) 0.0554 / 0.0971 "
-        "(LlamaRec paper, Table 1). On the P5/S3-Rec Beauty (22,363 users / 12,101 items): SASRec (sampled softmax) "
-        "0.0531 / 0.0921, eSASRec 0.0523 / 0.0928, TIGER 0.0384 / 0.0648. Same protocol as here (leave-one-out, "
-        "full ranking, history removed); LlamaRec's reranker sees only the top 20."),
-}
 
 logger = logging.getLogger("bench.quality")
 
@@ -252,7 +204,7 @@ def _code_root(args: argparse.Namespace) -> Path:
     """The code the training subprocesses import: a snapshot of HEAD, or the checkout itself."""
     if args.code == "checkout":
         return ROOT
-    commit = _git("rev-parse", "HEAD")
+    commit = git_output(ROOT, "rev-parse", "HEAD")
     snapshot = args.work_dir / "code" / commit[:12]
     if not (snapshot / "scripts" / "finetune.py").is_file():
         snapshot.mkdir(parents=True, exist_ok=True)
@@ -323,7 +275,7 @@ def _train(run_dir: Path, overrides: list[str], args: argparse.Namespace, code_r
     return {
         "overrides": overrides,
         "command": command,
-        "commit": _git("rev-parse", "HEAD") if code_root == ROOT else code_root.name,
+        "commit": git_output(ROOT, "rev-parse", "HEAD") if code_root == ROOT else code_root.name,
         "code_root": str(code_root),
         "started": started_at,
         "wall_seconds": round(wall_seconds, 1),
@@ -345,117 +297,6 @@ def _check_popularity(results: dict, runs: list[dict]) -> None:
                            run["run_dir"], theirs["ndcg@10"], ours["ndcg@10"])
 
 
-# ----- aggregation and tables --------------------------------------------------------------------------
-
-
-def _train_seconds(run: dict, stage: str) -> float:
-    """Wall time to a usable model for this row: data, catalogue encoding, stage 1, and stage 2 for rerank."""
-    timings = run["timings"]
-    seconds = timings["data_seconds"] + timings["item_encoding_seconds"] + timings["retrieval_training_seconds"]
-    return seconds + (timings.get("rerank_training_seconds", 0.0) if stage == "rerank" else 0.0)
-
-
-def _summary(values: list[Optional[float]]) -> dict:
-    values = [value for value in values if value is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
-def _rows(results: dict) -> list[dict]:
-    """One entry per table row: per-seed values and mean / sample std over seeds (a single value for baselines)."""
-    rows = []
-    for label, system, stage in ROWS:
-        entry = results["systems"].get(system)
-        if entry is None:
-            continue
-        if stage is None:
-            per_seed = [{"seed": None, "test": entry["test"], "valid": entry["valid"],
-                         "train_seconds": entry["train_seconds"], "peak_rss_mb": None}]
-        else:
-            per_seed = [{"seed": run["seed"], "test": run["test"][stage], "valid": run["valid"][stage],
-                         "train_seconds": _train_seconds(run, stage), "peak_rss_mb": run["subprocess"]["peak_rss_mb"],
-                         "best_valid_epoch": run["best_valid_epochs"][stage]} for run in entry["runs"]]
-        if not per_seed:
-            continue
-        summary = {f"test {metric}": _summary([seed["test"].get(metric) for seed in per_seed]) for metric in METRICS}
-        summary.update({f"valid {metric}": _summary([seed["valid"].get(metric) for seed in per_seed]) for metric in METRICS})
-        summary["train_seconds"] = _summary([seed["train_seconds"] for seed in per_seed])
-        summary["peak_rss_mb"] = _summary([seed["peak_rss_mb"] for seed in per_seed])
-        rows.append({"label": label, "system": system, "stage": stage, "per_seed": per_seed, "summary": summary})
-    return rows
-
-
-def _cell(summary: dict, digits: int = 4) -> str:
-    if summary["n"] == 0:
-        return "–"
-    if summary["n"] == 1:
-        return f"{summary['mean']:.{digits}f}"
-    return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
-
-
-def _duration(seconds: dict) -> str:
-    if seconds["mean"] < 60:
-        return _cell(seconds, 2) + " s"
-    return _cell({**seconds, "mean": seconds["mean"] / 60, "std": seconds["std"] / 60}, 1) + " min"
-
-
-def render_table(results: dict) -> str:
-    header = ["system (test)", "HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "HR@100", "valid NDCG@10", "seeds",
-              "train time", "peak RSS (MB)"]
-    lines = ["| " + " | ".join(header) + " |", "| --- " * len(header) + "|"]
-    for row in results["rows"]:
-        summary = row["summary"]
-        seconds = summary["train_seconds"]
-        cells = [row["label"], *(_cell(summary[f"test {metric}"]) for metric in METRICS), _cell(summary["valid ndcg@10"]),
-                 ", ".join(str(seed["seed"]) for seed in row["per_seed"]) if row["stage"] else "–",
-                 _duration(seconds), _cell(summary["peak_rss_mb"], 0)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def render_markdown(results: dict) -> str:
-    machine, run = results["machine"], results["run"]
-    knn = results["systems"].get("itemknn", {}).get("chosen")
-    dataset = DATASETS[results.get("dataset", "ml100k")]
-    notes = [
-        f"{results['protocol']['data']}; config `{results.get('config', dataset.config)}`. Leave-one-out "
-        f"(last = test, second last = valid), full ranking over {results['protocol']['num_items']:,} items with "
-        f"each user's history removed, {results['protocol']['test_users']:,} test users. Learned systems: mean ± "
-        "sample std over the seeds listed; popularity and ItemKNN are deterministic. Hybrid retrieval and "
-        "retrieval + rerank are the same runs. HR@100 of hybrid retrieval is the candidate recall@100: the share of "
-        "test targets among the 100 FAISS candidates the head reranks (so rerank's HR@100 equals it).",
-        dataset.published,
-        "Train time: data + catalogue encoding + stage 1 (+ stage 2 for rerank) from each run's `eval_results.json`; "
-        "peak RSS of the training process.",
-    ]
-    loads = [value for system in LEARNED_SYSTEMS for seed_run in results["systems"].get(system, {}).get("runs", [])
-             for value in (seed_run["subprocess"].get("load_average_1min") or {}).values()]
-    if loads:
-        notes[-1] += (f" Wall times depend on what else runs: the 1-minute load average sampled at the start and end "
-                      f"of the training runs was {min(loads):.1f}–{max(loads):.1f} on {machine['cpu_cores']} cores "
-                      "(CPU seconds per run are in the JSON).")
-    runs_by_system = {system: results["systems"][system]["runs"] for system in LEARNED_SYSTEMS
-                      if results["systems"].get(system, {}).get("runs")}
-    if runs_by_system:
-        notes.append("Training runs (`scripts/finetune.py`, default config): " + "; ".join(
-            f"{system}: code {', '.join(sorted({str(seed_run['subprocess']['commit']) for seed_run in runs}))}, "
-            f"training.cpu_threads {', '.join(sorted({str(seed_run['cpu_threads'] or 'null') for seed_run in runs}))}"
-            for system, runs in runs_by_system.items()
-        ) + " (null = both cores).")
-    if knn:
-        neighbors = knn["num_neighbors"] or "all"
-        notes.append(f"ItemKNN: {neighbors} neighbours, shrinkage {knn['shrinkage']:g}, chosen on valid NDCG@10.")
-    if run["extra_overrides"]:
-        notes.append(f"Extra overrides on every training run: `{run['extra_overrides']}`.")
-    notes.append(f"{machine['cpu_model']}, {machine['cpu_cores']} cores, torch {machine['torch']}, "
-                 f"Python {machine['python']}; finished {run['finished']}; "
-                 f"`{run['command']}`.")
-    title = dataset.description.split(" (")[0].split(",")[0]
-    return f"# Quality on {title}\n\n" + render_table(results) + "\n\n" + "\n\n".join(notes) + "\n"
-
-
 # ----- context -----------------------------------------------------------------------------------------
 
 
@@ -472,13 +313,8 @@ def _protocol(split, dataset: str) -> dict:
 
 
 def _machine() -> dict:
-    cpu_model = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu_model = names[0] if names else cpu_model
     return {
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model() or platform.processor() or "unknown CPU",
         "cpu_cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -486,10 +322,6 @@ def _machine() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": datetime.date.today().isoformat(),
     }
-
-
-def _git(*arguments: str) -> str:
-    return subprocess.run(["git", "-C", str(ROOT), *arguments], check=True, capture_output=True, text=True).stdout.strip()
 
 
 if __name__ == "__main__":

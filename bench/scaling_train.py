@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from bench.common import git_commit, machine, markdown_table, write_results  # noqa: E402
+from bench.common import git_commit, machine, markdown_table, write_json_and_markdown, write_results  # noqa: E402
 
 logger = logging.getLogger("bench.scaling_train")
 
@@ -375,9 +375,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.output_name or full_size:
         paths = write_results(args.output_name or "scaling_train", results, markdown)
     else:
-        paths = (WORK / "results.json", WORK / "results.md")
-        paths[0].write_text(json.dumps(results, indent=2) + "\n")
-        paths[1].write_text(markdown)
+        paths = (WORK / "results.json", write_json_and_markdown(WORK / "results.json", results, markdown))
     logger.info("Wrote %s and %s.\n%s", paths[0], paths[1], markdown)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import re
@@ -40,6 +39,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from common import loadavg_text, table_header, write_json_and_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -228,10 +229,10 @@ def load_figures(base: str, server: subprocess.Popen, histories: list[list[str]]
     return {"levels": levels, "reload_under_load": reload_run, "soak": soak}
 
 
-def write_markdown(results: dict, path: Path) -> None:
+def render_markdown(results: dict) -> str:
+    """OUTPUT.md: the HTTP levels against in-process serving, the reload and the soak; a --url run has only the levels."""
     if results["in_process"] is None:
-        write_remote_markdown(results, path)
-        return
+        return render_remote_markdown(results)
     inproc = results["in_process"]
     lines = [
         "# `llmrec serve` load test (`bench/serve_load.py`)", "",
@@ -239,15 +240,15 @@ def write_markdown(results: dict, path: Path) -> None:
         f"Machine: {results['machine']['cpus']} CPUs, load average {results['machine']['loadavg_start']} at the start and "
         f"{results['machine']['loadavg_end']} at the end; the httpx client runs on the same cores as the server, and "
         "other work shared the machine, so every figure is pessimistic.", "",
-        "| clients | requests | requests/s | p50 ms | p99 ms | error rate | mean micro-batch | mean ms inside the app |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *table_header(["clients", "requests", "requests/s", "p50 ms", "p99 ms", "error rate", "mean micro-batch",
+                       "mean ms inside the app"]),
     ]
     for level in results["http"]["levels"]:
         lines.append(f"| {level['clients']} | {level['requests']} | {level['requests_per_s']:.0f} | {level['p50_ms']:.1f} | "
                      f"{level['p99_ms']:.1f} | {level['error_rate']:.3%} | {level['mean_batch_size']:.1f} | {level['server_mean_ms']:.1f} |")
     reload_run, soak = results["http"]["reload_under_load"], results["http"]["soak"]
     lines += [
-        "", "| in-process, same histories | users/s | p50 ms | p99 ms |", "| --- | --- | --- | --- |",
+        "", *table_header(["in-process, same histories", "users/s", "p50 ms", "p99 ms"]),
         f"| `recommend` one by one | {inproc['recommend_one_by_one']['users_per_s']:.0f} | "
         f"{inproc['recommend_one_by_one']['p50_ms']:.2f} | {inproc['recommend_one_by_one']['p99_ms']:.2f} |",
         f"| `recommend_batch`, all users in one call | {inproc['recommend_batch_all']['users_per_s']:.0f} | | |",
@@ -260,17 +261,17 @@ def write_markdown(results: dict, path: Path) -> None:
         f"{soak['errors'] or 'none'}): server RSS {soak['rss_start_mib']:.1f} MiB at the start, {soak['rss_end_mib']:.1f} MiB "
         f"at the end ({soak['rss_growth']:+.1%}).", "", f"Command: `{results['command']}`", "",
     ]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
-def write_remote_markdown(results: dict, path: Path) -> None:
+def render_remote_markdown(results: dict) -> str:
     machine = results["machine"]
     lines = [
         f"# Load test of {results['url']} (`bench/serve_load.py --url`)", "",
         f"Model: {results['model']}. POST /recommend, k={results['k']}, {results['users']} users' histories (20-200 items). "
         f"Machine: {machine['cpus']} CPUs, load average {machine['loadavg_start']} at the start and {machine['loadavg_end']} "
         "at the end; the httpx client runs on the same cores as the server.", "",
-        "| clients | requests | requests/s | p50 ms | p99 ms | error rate |", "| --- | --- | --- | --- | --- | --- |",
+        *table_header(["clients", "requests", "requests/s", "p50 ms", "p99 ms", "error rate"]),
     ]
     for level in results["http"]["levels"]:
         lines.append(f"| {level['clients']} | {level['requests']} | {level['requests_per_s']:.0f} | {level['p50_ms']:.1f} | "
@@ -278,7 +279,20 @@ def write_remote_markdown(results: dict, path: Path) -> None:
     if results.get("note"):
         lines += ["", f"Setup: {results['note']}."]
     lines += ["", f"Command: `{results['command']}`", ""]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
+
+
+def machine_info(loadavg_start: list[str]) -> dict:
+    """CPUs, platform and the load averages (as /proc/loadavg writes them) when the run started and now."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "loadavg_start": " ".join(loadavg_start), "loadavg_end": " ".join(loadavg_text().split()[:3])}
+
+
+def write_and_print(results: dict, output: Path) -> None:
+    """OUTPUT.json and OUTPUT.md, and the markdown on stdout."""
+    markdown = render_markdown(results)
+    write_json_and_markdown(output.with_suffix(".json"), results, markdown)
+    print(markdown)
 
 
 def run_remote(arguments: argparse.Namespace, loadavg_start: list[str]) -> dict:
@@ -291,8 +305,7 @@ def run_remote(arguments: argparse.Namespace, loadavg_start: list[str]) -> dict:
     return {
         "url": arguments.url, "model": arguments.model, "k": arguments.k, "users": len(histories), "in_process": None,
         "http": http, "note": arguments.note,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "loadavg_start": " ".join(loadavg_start), "loadavg_end": " ".join(Path("/proc/loadavg").read_text().split()[:3])},
+        "machine": machine_info(loadavg_start),
         "command": " ".join(["python", *sys.argv]),
     }
 
@@ -310,14 +323,10 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="Concurrent clients per level (default 1 8 64).")
     parser.add_argument("--note", help="Free text stored with the results (what else ran, how the server was started).")
     arguments = parser.parse_args()
-    loadavg_start = Path("/proc/loadavg").read_text().split()[:3]
+    loadavg_start = loadavg_text().split()[:3]
     if arguments.url:
         results = run_remote(arguments, loadavg_start)
-        output = Path(arguments.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-        write_markdown(results, output.with_suffix(".md"))
-        print(output.with_suffix(".md").read_text())
+        write_and_print(results, Path(arguments.output))
         return
     with tempfile.TemporaryDirectory(prefix="llmrec-serve-load-") as scratch:
         folder = Path(arguments.model) if arguments.model else build_synthetic_model(Path(scratch))
@@ -336,15 +345,10 @@ def main() -> None:
         "model": arguments.model or "untrained, MovieLens-100k shape (1,682 items, hidden 64, 100 candidates)",
         "k": arguments.k, "in_process": in_process, "http": http,
         "http_over_in_process_at_64": (1 / http["levels"][-1]["requests_per_s"]) / (1 / in_process["recommend_batch_all"]["users_per_s"]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "loadavg_start": " ".join(loadavg_start), "loadavg_end": " ".join(Path("/proc/loadavg").read_text().split()[:3])},
+        "machine": machine_info(loadavg_start),
         "command": " ".join(["python", *sys.argv]),
     }
-    output = Path(arguments.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, output.with_suffix(".md"))
-    print(output.with_suffix(".md").read_text())
+    write_and_print(results, Path(arguments.output))
 
 
 if __name__ == "__main__":

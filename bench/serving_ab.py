@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import load_average, loadavg_text
+
 ROOT = Path(__file__).resolve().parent.parent
 NUM_ITEMS = 1682
 
@@ -81,6 +83,21 @@ def build_folder(folder: Path) -> None:
     Recommender(model.eval(), AutoTokenizer.from_pretrained(encoder), ids, texts, popularity).save_pretrained(folder)
 
 
+def model_and_histories_files(workdir: Path) -> tuple[Path, Path]:
+    """The model folder under `workdir` (built the first time) and the file the histories go to: both A/B benchmarks'."""
+    folder, histories_file = workdir / "model", workdir / "histories.json"
+    if not (folder / "config.json").is_file():
+        build_folder(folder)
+    return folder, histories_file
+
+
+def stop_workers(workers: dict[str, subprocess.Popen]) -> None:
+    """End each worker's input, so it leaves its loop, and wait for it."""
+    for worker in workers.values():
+        worker.stdin.close()
+        worker.wait()
+
+
 def histories(count: int = 200, seed: int = 0) -> list[list[str]]:
     """ML-100k-like history lengths (20 to 300 items), distinct items, fixed seed."""
     import numpy as np
@@ -118,9 +135,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench-serving-ab"))
     args = parser.parse_args()
     workdir = Path(args.workdir)
-    folder, histories_file = workdir / "model", workdir / "histories.json"
-    if not (folder / "config.json").is_file():
-        build_folder(folder)
+    folder, histories_file = model_and_histories_files(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     histories_file.write_text(json.dumps(histories()))
     checkouts = {"base": Path(args.base).resolve(), "this": ROOT}
@@ -129,7 +144,7 @@ def main() -> None:
     try:
         for number in range(args.rounds):
             samples: dict[str, list[float]] = {"base": [], "this": []}
-            load = float(Path("/proc/loadavg").read_text().split()[0])
+            load = load_average()[0]
             for block in range(args.calls // args.block):  # A B, B A, ...: blocks of calls alternate
                 for name in ("base", "this") if block % 2 == 0 else ("this", "base"):
                     samples[name] += time_block(workers[name], args.block)
@@ -138,14 +153,12 @@ def main() -> None:
             print(f"round {number + 1}: base {p50['base']:.3f} ms, this {p50['this']:.3f} ms, ratio "
                   f"{rounds[-1]['ratio']:.3f} (load1 {load:.2f})", flush=True)
     finally:
-        for worker in workers.values():
-            worker.stdin.close()
-            worker.wait()
+        stop_workers(workers)
     ratios = [entry["ratio"] for entry in rounds]
     summary = {
         "base": str(checkouts["base"]), "this": str(ROOT), "calls_per_round": args.calls, "block": args.block, "rounds": rounds,
         "median_ratio": float(np.median(ratios)), "max_ratio": float(max(ratios)),
-        "loadavg_end": Path("/proc/loadavg").read_text().strip(), "cpus": os.cpu_count(),
+        "loadavg_end": loadavg_text(), "cpus": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     results = ROOT / "bench" / "results" / "serving_ab.json"
