@@ -1,4 +1,5 @@
-"""What a model folder is: its file names, and the checks a folder passes before any of it is loaded.
+"""What a model folder is: its file names, the checks a folder passes before any of it is loaded, and the
+run metadata (evaluation results, training config) read from beside the model.
 
 `Recommender.from_pretrained` and `llmrec.hub.push_to_hub` both start here, so a folder that would not load is
 never published.
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
+
+import yaml
 
 from .errors import ModelFolderError
 from .modeling import MODEL_FORMAT_VERSION, LlmRecConfig
@@ -21,6 +24,9 @@ WEIGHTS_FILE = "model.safetensors"
 CATALOGUE_FILE = "catalogue.parquet"
 INDEX_FILE = "item_index.faiss"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, CATALOGUE_FILE, INDEX_FILE)
+MODEL_CARD_FILE = "README.md"
+EVAL_RESULTS_FILE = "eval_results.json"
+TRAINING_CONFIG_FILE = "config.yaml"
 
 
 def check_folder(folder: Union[str, Path], verify: bool = False) -> None:
@@ -72,3 +78,30 @@ def check_folder(folder: Union[str, Path], verify: bool = False) -> None:
             f"{folder / CONFIG_FILE} holds an impossible setting ({type(error).__name__}: {str(error)[:300]}); copy "
             "or download the folder again."
         ) from error
+
+
+def _read_mapping(path: Path, parse: Any, kind: str) -> Optional[dict[str, Any]]:
+    """A JSON or YAML file holding one mapping, or None when absent; anything else names the file."""
+    if not path.is_file():
+        return None
+    try:
+        content = parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as error:
+        raise ModelFolderError(
+            f"{path} is not valid {kind} ({type(error).__name__}: {str(error)[:200]}); copy or download the folder "
+            "again, or delete the file (the model loads without it)."
+        ) from error
+    if not isinstance(content, dict):
+        raise ModelFolderError(
+            f"{path} holds a {type(content).__name__}, not a {kind} mapping; copy or download the folder again, or "
+            "delete the file (the model loads without it)."
+        )
+    return content
+
+
+def read_run_metadata(folder: Path) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]]]:
+    """The eval results and training config saved beside a model, when the folder has them."""
+    return (
+        _read_mapping(folder / EVAL_RESULTS_FILE, json.loads, "JSON"),
+        _read_mapping(folder / TRAINING_CONFIG_FILE, yaml.safe_load, "YAML"),
+    )

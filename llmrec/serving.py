@@ -1,21 +1,26 @@
-"""What a `Recommender` serves from, as one immutable value, and the checks every request argument passes.
+"""What a `Recommender` serves from, as one immutable value, how `add_items` grows it, and the checks every
+request argument passes.
 
 A request reads the recommender's `ServingState` once and uses nothing else about the catalogue, so
-`add_items`, which builds a grown state aside and publishes it with one assignment, is either wholly
-visible to a request or not at all: ids, index rows, cached item vectors and texts always agree.
+`add_items`, which builds a grown state aside (`grown_state`) and publishes it with one assignment, is either
+wholly visible to a request or not at all: ids, index rows, cached item vectors and texts always agree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 from .errors import InvalidRequestError, UnknownItemError
 from .limits import MAX_K
+from .modeling import LlmRecModel
+from .modeling.text_encoding import embed_item_texts
 from .retrieval import CandidatePipeline
 
 
@@ -57,6 +62,59 @@ class ServingState:
 
     def with_texts(self, item_texts: Sequence[str]) -> "ServingState":
         return ServingState.build(self.item_ids, item_texts, self.item_popularity, self.pipeline)
+
+
+# ----- growing the catalogue -------------------------------------------------------------------------------
+
+
+def check_items_to_add(item_ids: Any, item_texts: Any, batch_size: Any) -> tuple[list[str], list, int]:
+    """`add_items`' arguments: one non-empty text per new id, as (ids as strings, texts, batch size)."""
+    item_ids = check_item_ids(ordered_list(item_ids, "list of new item ids"), "list of new item ids")
+    item_texts = ordered_list(item_texts, "list of new item texts")
+    batch_size = check_batch_size(batch_size)
+    if len(item_ids) != len(item_texts):
+        raise InvalidRequestError(f"add_items got {len(item_ids)} ids but {len(item_texts)} texts; pass one text per id.")
+    empty = [item_id for item_id, text in zip(item_ids, item_texts) if not isinstance(text, str) or not text.strip()]
+    if empty:
+        raise InvalidRequestError(f"Item(s) {empty[:10]} have no text; a new item is only known by its text.")
+    return item_ids, item_texts, batch_size
+
+
+def grown_state(
+    state: ServingState, model: LlmRecModel, tokenizer: PreTrainedTokenizerBase, item_ids: list[str],
+    item_texts: list, batch_size: int,
+) -> ServingState:
+    """`state` followed by new items embedded from their text; the caller publishes it (and holds the write lock).
+
+    The model grows in place, but requests read the state's own item vectors, not its buffers; if growing
+    fails halfway, the model's catalogue buffers are put back as they were.
+    """
+    duplicates = sorted({item_id for item_id, count in Counter(item_ids).items() if count > 1 or item_id in state.item_index})
+    if duplicates:
+        raise InvalidRequestError(
+            f"Item id(s) {duplicates[:10]} are already in the catalogue or repeated; each item id can be added once."
+        )
+    text_embeddings = embed_item_texts(model, tokenizer, item_texts, batch_size)
+    undo = _undo_growth(model)
+    try:
+        model.add_items(text_embeddings)
+        return state.extended(item_ids, item_texts, state.pipeline.extended(len(item_ids)))
+    except BaseException:
+        undo()
+        raise
+
+
+def _undo_growth(model: LlmRecModel) -> Callable[[], None]:
+    """A function that puts back the model's catalogue buffers as they are now (if add_items fails halfway)."""
+    saved = (model.item_text_embeddings, model.warm_items, model.item_id_embeddings, model.config.num_items)
+
+    def undo() -> None:
+        model.item_text_embeddings, model.warm_items = saved[0], saved[1]
+        if saved[2] is not None:
+            model.item_id_embeddings = saved[2]
+        model.config.num_items = saved[3]
+
+    return undo
 
 
 # ----- request arguments ---------------------------------------------------------------------------------

@@ -203,6 +203,20 @@ def test_dry_run_lists_files_without_network(model_folder, monkeypatch):
     assert listed == files
 
 
+def test_recommender_push_passes_its_options_to_the_folder_upload(recommender, monkeypatch):
+    """`Recommender.push_to_hub` saves a folder, names the repo in its card, and hands the options on."""
+    FakeHfApi.calls = []
+    monkeypatch.setattr("llmrec.hub.HfApi", FakeHfApi)
+    files = recommender.push_to_hub("someone/llmrec-card", private=False, token="hf_y", commit_message="first")
+    assert "README.md" in files and "config.json" in files
+    create, upload = FakeHfApi.calls
+    assert create[2]["private"] is False and create[3] == "hf_y" and upload[2]["commit_message"] == "first"
+    monkeypatch.setattr("llmrec.hub.HfApi", None)  # a dry run never builds the Hub client
+    assert recommender.push_to_hub("someone/llmrec-card", dry_run=True) == files
+    with pytest.raises(TypeError):
+        recommender.push_to_hub("someone/llmrec-card", privat=True)
+
+
 def test_push_refuses_a_broken_folder_and_reports_upload_failures(model_folder, tmp_path, monkeypatch):
     broken = tmp_path / "broken"
     shutil.copytree(model_folder, broken)

@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("retrieval", ("llmrec.retrieval",)),
     ("training", ("llmrec.training",)),
     ("evaluation", ("llmrec.evaluation",)),
-    ("recommender", ("llmrec.recommender", "llmrec.model_folder", "llmrec.hub", "llmrec.serving", "llmrec.visualization")),
+    ("recommender", ("llmrec.recommender", "llmrec.model_folder", "llmrec.model_io", "llmrec.model_card", "llmrec.hub",
+                     "llmrec.serving", "llmrec.ranking", "llmrec.visualization")),
     ("finetune", ("llmrec.finetune",)),
     ("cli", ("llmrec.cli", "llmrec.server", "llmrec")),  # `llmrec` itself (only): the public facade, on top
 ]
