@@ -7,6 +7,7 @@ and `llmrec.hub` uploads to the Hub.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import tempfile
 import threading
@@ -235,6 +236,7 @@ class Recommender:
         `upload_options` are `llmrec.hub.push_to_hub`'s keyword arguments (private, token, commit_message,
         dry_run), which does the upload.
         """
+        inspect.signature(push_to_hub).bind(None, repo_id, **upload_options)  # a misspelled option fails before the save
         with tempfile.TemporaryDirectory() as temporary:
             folder = Path(temporary) / "model"
             self.save_pretrained(folder)

@@ -213,8 +213,11 @@ def test_recommender_push_passes_its_options_to_the_folder_upload(recommender, m
     assert create[2]["private"] is False and create[3] == "hf_y" and upload[2]["commit_message"] == "first"
     monkeypatch.setattr("llmrec.hub.HfApi", None)  # a dry run never builds the Hub client
     assert recommender.push_to_hub("someone/llmrec-card", dry_run=True) == files
-    with pytest.raises(TypeError):
+    saves = []
+    monkeypatch.setattr(type(recommender), "save_pretrained", lambda self, folder: saves.append(folder))
+    with pytest.raises(TypeError, match="privat"):
         recommender.push_to_hub("someone/llmrec-card", privat=True)
+    assert not saves, "a misspelled option must fail before the model is saved"
 
 
 def test_push_refuses_a_broken_folder_and_reports_upload_failures(model_folder, tmp_path, monkeypatch):
