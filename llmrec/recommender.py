@@ -96,7 +96,9 @@ class Recommender:
         self.quantize = check_quantize(quantize, self.model.item_text_embeddings.device)
         if self.quantize is not None and self.precision != "fp32":
             raise ValueError("Choose one of precision='bf16' and quantize='int8'; int8 quantises fp32 weights.")
-        pipeline = CandidatePipeline(model, index, num_candidates=model.config.num_candidates)
+        pipeline = CandidatePipeline(
+            model, index, num_candidates=model.config.num_candidates, exclude_history=model.config.exclude_history
+        )
         self._state = ServingState.build(item_ids, item_texts, item_popularity, pipeline)
         if self.precision == "bf16":
             cast_encoder_bf16(self.model.item_encoder)
@@ -269,7 +271,7 @@ class Recommender:
         *,
         exclude: Optional[Iterable[str]] = None,
         filter: Optional[ItemFilter] = None,
-        exclude_history: bool = True,
+        exclude_history: Optional[bool] = None,
         profile: Optional[str] = None,
         new_items: int = 0,
     ) -> RankedItems:
@@ -277,7 +279,7 @@ class Recommender:
 
         `exclude` lists items never to return, `filter` keeps only the items it admits (a callable on
         item ids, or a collection of allowed ids), and items of the history are left out unless
-        `exclude_history=False`. Fewer than `k` items come back when fewer are eligible, so at most
+        `exclude_history=False` (None: as the model was trained, `retrieval.exclude_history`, true by default). Fewer than `k` items come back when fewer are eligible, so at most
         min(k, catalogue size); `k` above `max_k` raises `InvalidRequestError`.
 
         The head reranks the retriever's first `num_candidates` (config.json) items; when `k` is larger,
@@ -306,7 +308,7 @@ class Recommender:
         *,
         exclude: Optional[Iterable[str]] = None,
         filter: Optional[ItemFilter] = None,
-        exclude_history: bool = True,
+        exclude_history: Optional[bool] = None,
         profiles: Optional[Sequence[Optional[str]]] = None,
         new_items: int = 0,
     ) -> list[RankedItems]:
@@ -316,7 +318,9 @@ class Recommender:
         """
         k = check_k(k, self.max_k)
         new_items = check_new_items(new_items, k)
-        exclude_history = check_flag(exclude_history, "exclude_history")
+        exclude_history = self.model.config.exclude_history if exclude_history is None else check_flag(
+            exclude_history, "exclude_history"
+        )
         state = self._state  # read once: an add_items meanwhile publishes a new state, never changes this one
         ranker = Ranker(self.model, self.tokenizer, state)
         histories = check_rows(histories, "recommend_batch's histories")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -235,3 +236,35 @@ def test_fuzzed_histories_and_candidates(recommender, history, candidates, k):
     reranked = recommender.rerank(history, candidates)
     assert sorted(item for item, _ in reranked) == sorted(candidates)
     assert all(np.isfinite(score) for _, score in reranked)
+
+
+def test_serving_excludes_the_history_as_the_model_was_trained(trained_run, tmp_path, user_history):
+    """retrieval.exclude_history is stored in config.json, and recommend's default follows it."""
+    output_dir, results = trained_run
+    assert results["config"]["retrieval"]["exclude_history"] is True
+    assert Recommender.from_pretrained(output_dir).model.config.exclude_history is True
+    repeat_consumption = Recommender.from_pretrained(output_dir)
+    repeat_consumption.model.config.exclude_history = False  # as a run with retrieval.exclude_history false saves it
+    repeat_consumption.save_pretrained(tmp_path / "repeat")
+    reloaded = Recommender.from_pretrained(tmp_path / "repeat")
+    everything = len(reloaded.item_ids)
+    served = {item for item, _ in reloaded.recommend(user_history, k=everything)}
+    assert set(user_history) <= served
+    assert not set(user_history) & {item for item, _ in reloaded.recommend(user_history, k=everything, exclude_history=True)}
+    trained_default = Recommender.from_pretrained(output_dir)
+    assert not set(user_history) & {item for item, _ in trained_default.recommend(user_history, k=everything)}
+
+
+def test_a_run_without_history_exclusion_saves_it_for_serving(tmp_path, planted_data_dir, tiny_encoder_dir, user_history):
+    from conftest import tiny_overrides
+
+    from llmrec.config import load_config
+    from llmrec.finetune import run_finetune
+
+    overrides = tiny_overrides(planted_data_dir, tiny_encoder_dir, tmp_path / "repeat")
+    overrides["training"].update({"retrieval_epochs": 1, "rerank_epochs": 0})
+    overrides["retrieval"]["exclude_history"] = False
+    run_finetune(load_config(overrides=overrides))
+    assert json.loads((tmp_path / "repeat" / "config.json").read_text())["exclude_history"] is False
+    served = Recommender.from_pretrained(tmp_path / "repeat")
+    assert set(user_history) <= {item for item, _ in served.recommend(user_history, k=len(served.item_ids))}

@@ -74,7 +74,11 @@ class DataConfig:
         metadata={"help": "leave_one_out | temporal | cold_items (held-out items, see cold_item_*) | "
                   "cold_users (held-out users, see cold_user_*)."},
     )
-    seed: int = field(default=42, metadata={"help": "Seed of the random cold_items / cold_users choice."})
+    seed: int = field(
+        default=42,
+        metadata={"help": "Seed of the random cold_items / cold_users choice; apart from training.seed so that "
+                  "training seeds can vary over one fixed split."},
+    )
     cold_item_fraction: float = field(
         default=0.15, metadata={"help": "cold_items split: share of the interacted items held out of training."}
     )

@@ -35,6 +35,8 @@ def _validate(settings: dict[str, Any], **trained: Any) -> None:
         if not _is_integer(value) or value < low or (high is not None and value > high):
             allowed = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
             raise ConfigError(f"{name} must be {allowed}, got {value!r}.")
+    if not isinstance(trained["exclude_history"], bool):
+        raise ConfigError(f"exclude_history must be true or false, got {trained['exclude_history']!r}.")
     if trained["encoder_weights"] not in ENCODER_WEIGHT_KINDS:
         raise ConfigError(f"encoder_weights must be one of {ENCODER_WEIGHT_KINDS}, got {trained['encoder_weights']!r}.")
     if trained["encoder_name_or_path"] is not None and not isinstance(trained["encoder_name_or_path"], str):
@@ -64,6 +66,9 @@ class LlmRecConfig(PretrainedConfig):
 
     Histories longer than `max_history_length` keep their most recent items; with `history_summary` the
     older ones are also read, pooled into one learned summary token (see `UserEncoder`).
+
+    `num_candidates` and `exclude_history` are the retrieval protocol the model was trained and evaluated
+    with (`retrieval.*`); serving reads them from here, so config.yaml stays a record of the run.
     """
 
     model_type = "llmrec"
@@ -74,6 +79,7 @@ class LlmRecConfig(PretrainedConfig):
         encoder_config: Optional[dict[str, Any]] = None,
         num_items: int = 0,
         num_candidates: int = 100,
+        exclude_history: bool = True,
         encoder_weights: str = "full",
         format_version: int = MODEL_FORMAT_VERSION,
         **kwargs: Any,
@@ -83,7 +89,8 @@ class LlmRecConfig(PretrainedConfig):
         settings = {name: kwargs.pop(name, default) for name, default in _SETTING_DEFAULTS.items()}
         _validate(
             settings, encoder_name_or_path=encoder_name_or_path, encoder_config=encoder_config, num_items=num_items,
-            num_candidates=num_candidates, encoder_weights=encoder_weights, format_version=format_version,
+            num_candidates=num_candidates, exclude_history=exclude_history, encoder_weights=encoder_weights,
+            format_version=format_version,
         )
         for name, value in settings.items():
             setattr(self, name, value)
@@ -91,6 +98,7 @@ class LlmRecConfig(PretrainedConfig):
         self.encoder_config = encoder_config or {}
         self.num_items = num_items
         self.num_candidates = num_candidates
+        self.exclude_history = exclude_history
         self.encoder_weights = encoder_weights
         self.format_version = format_version
         super().__init__(**kwargs)

@@ -28,7 +28,7 @@ class RecommendOptions:
     k: Any
     exclude: Optional[tuple] = None
     filter: Optional[tuple] = None
-    exclude_history: Any = True
+    exclude_history: Any = None  # None: the model's retrieval.exclude_history
     new_items: Any = 0
 
     def keywords(self) -> dict[str, Any]:

@@ -22,7 +22,9 @@ class _Options(_Body):
     k: StrictInt = Field(10, description="How many items to return (at most the recommender's max_k).")
     exclude: Optional[list[ItemId]] = Field(None, description="Items never to return.")
     filter: Optional[list[ItemId]] = Field(None, description="Return only these items (a list of allowed ids).")
-    exclude_history: StrictBool = Field(True, description="Leave out items of the history.")
+    exclude_history: Optional[StrictBool] = Field(
+        None, description="Leave out items of the history; null = as the model was trained (true by default)."
+    )
     new_items: StrictInt = Field(0, description="Hold up to this many of the k slots for the best items added after "
                                  "training (no trained ID embedding); they come back with \"reserved\": true.")
 

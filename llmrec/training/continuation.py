@@ -190,6 +190,7 @@ def grow_for_split(
     for name in RUNTIME_MODEL_SETTINGS:
         setattr(model.config, name, getattr(config.model, name))
     model.config.num_candidates = config.retrieval.num_candidates
+    model.config.exclude_history = config.retrieval.exclude_history
     logger.info("Continuing from %s: %d items kept, %d added; %d items warm.", config.training.init_from, old_count,
                 len(new_texts), int(model.warm_items.sum()))
     return model.to(device)

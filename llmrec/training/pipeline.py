@@ -223,7 +223,8 @@ def _new_model(
     # are those of a model without it.
     model_settings = {**config.model.stored_settings(), "use_user_profiles": False}
     model = LlmRecModel.from_encoder(
-        encoder_path, num_items=split.num_items, num_candidates=config.retrieval.num_candidates, **model_settings
+        encoder_path, num_items=split.num_items, num_candidates=config.retrieval.num_candidates,
+        exclude_history=config.retrieval.exclude_history, **model_settings
     ).to(accelerator.device)
     model.warm_items.copy_(torch.as_tensor(split.item_popularity() > 0))
     tokenized_items = tokenize_catalogue(tokenizer, split.item_texts, config.model.max_text_length)
