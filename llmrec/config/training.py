@@ -78,6 +78,12 @@ class TrainingSettings:
     rerank_positions_per_user: int = field(
         default=8, metadata={"help": "Most recent training positions per user that become rerank examples."}
     )
+    rerank_holdout: bool = field(
+        default=False,
+        metadata={"help": "Hold each user's last rerank_positions_per_user training positions out of stage 1 (every "
+                  "user keeps its first) and train stage 2 on exactly those, so the head learns on candidate lists "
+                  "like serving's (from targets the towers did not fit) at the price of those stage-1 targets."},
+    )
     # User profiles (model.use_user_profiles): fitted after both stages, towers and head frozen.
     profile_epochs: int = field(default=20, metadata={"help": "Epochs fitting the profile projection."})
     profile_learning_rate: float = field(default=1e-2, metadata={"help": "AdamW learning rate of the profile fit."})

@@ -62,6 +62,32 @@ def rerank_prefixes(train_sequences: Sequence[Sequence[int]], positions_per_user
     return histories, targets
 
 
+def first_held_out_position(length: int, positions_per_user: int) -> int:
+    """Where a sequence of `length` items is cut for `training.rerank_holdout`: its last `positions_per_user`
+    positions are held out of stage 1, but every user keeps its first target (position 1) there."""
+    return max(2, length - positions_per_user)
+
+
+def retrieval_sequences(train_sequences: Sequence[Sequence[int]], positions_per_user: int) -> list[list[int]]:
+    """Stage 1's sequences under `training.rerank_holdout`: each cut before its held-out positions."""
+    return [list(sequence[: first_held_out_position(len(sequence), positions_per_user)]) for sequence in train_sequences]
+
+
+def held_out_prefixes(train_sequences: Sequence[Sequence[int]], positions_per_user: int) -> tuple[list[list[int]], list[int]]:
+    """(history, next item) pairs at the positions `retrieval_sequences` held out of stage 1.
+
+    The towers never fitted these targets, so their candidate lists hold the target about as often as
+    validation's and test's do; lists from fitted positions hold it more often and teach the head to
+    trust retrieval more than serving will bear out.
+    """
+    histories, targets = [], []
+    for sequence in train_sequences:
+        for position in range(first_held_out_position(len(sequence), positions_per_user), len(sequence)):
+            histories.append(list(sequence[:position]))
+            targets.append(sequence[position])
+    return histories, targets
+
+
 def collate_rerank(examples: Sequence[RerankExample], max_history_length: int) -> dict[str, torch.Tensor]:
     histories, older = split_histories([example.history for example in examples], max_history_length)
     batch = {

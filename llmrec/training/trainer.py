@@ -30,7 +30,10 @@ from .checkpoints import (  # noqa: F401
     BEST_STATE_NAME, CHECKPOINTS_KEPT, TRAINER_STATE_NAME, checkpoint_problem, checkpoint_root, find_checkpoint,
     list_checkpoints, read_rng_state, read_trainer_state,
 )
-from .examples import RerankExample, collate_next_item, collate_rerank, next_item_windows, rerank_prefixes
+from .examples import (
+    RerankExample, collate_next_item, collate_rerank, held_out_prefixes, next_item_windows, rerank_prefixes,
+    retrieval_sequences,
+)
 from .loop import StageLoop
 from .progress import SELECTION_METRIC, STAGES, TrainingProgress  # noqa: F401
 # retrieval_score_function is imported for its old path, llmrec.training.trainer.retrieval_score_function.
@@ -89,7 +92,10 @@ class LlmRecTrainer(StageLoop):
         settings = self.config.training
         self._set_trainable(lambda name: not name.startswith("reranker."))
         max_length = self.model.config.max_history_length
-        windows = next_item_windows(self.split.train_sequences, max_length, keep_older=self.model.config.history_summary)
+        sequences = self.split.train_sequences
+        if settings.rerank_holdout:
+            sequences = retrieval_sequences(sequences, settings.rerank_positions_per_user)
+        windows = next_item_windows(sequences, max_length, keep_older=self.model.config.history_summary)
         # A window's padded width and its number of targets (the loss terms) are both its inputs in the window.
         positions = [min(len(window) - 1, max_length) for window in windows]
         loader = self._shuffled_loader(
@@ -150,11 +156,13 @@ class LlmRecTrainer(StageLoop):
     # ----- stage 2 -----------------------------------------------------------------------------------
 
     def train_reranker(self) -> dict[str, float]:
-        """Stage 2: listwise softmax over FAISS candidates (hard negatives) of recent training positions."""
+        """Stage 2: listwise softmax over FAISS candidates (hard negatives) of recent training positions, or with
+        `training.rerank_holdout` of the positions stage 1 held out."""
         settings = self.config.training
         self._set_trainable(lambda name: name.startswith("reranker."))
         pipeline = self.candidate_pipeline()
-        histories, targets = rerank_prefixes(self.split.train_sequences, settings.rerank_positions_per_user)
+        prefixes = held_out_prefixes if settings.rerank_holdout else rerank_prefixes
+        histories, targets = prefixes(self.split.train_sequences, settings.rerank_positions_per_user)
         # An item without training interactions is never a stage-2 target, so in the candidate lists it would
         # only ever be a negative and the head would learn to bury it: exactly the new items it must rank.
         # Like the stage-1 softmax (`exclude_unseen_items_from_loss`), the lists leave such items out.
@@ -170,7 +178,8 @@ class LlmRecTrainer(StageLoop):
             # A target the retriever missed teaches the head nothing it can use at serving time.
             if hit.size:
                 examples.append(RerankExample(history, row, int(hit[0])))
-        logger.info("Stage 2: %d of %d positions have their next item among the candidates.", len(examples), len(histories))
+        logger.info("Stage 2: %d of %d positions (%.1f%%) have their next item among the candidates.",
+                    len(examples), len(histories), 100 * len(examples) / max(1, len(histories)))
         loader = self._shuffled_loader(
             "rerank", examples, settings.rerank_batch_size, lambda batch: collate_rerank(batch, max_length),
             [min(len(example.history), max_length) for example in examples],
