@@ -85,6 +85,12 @@ class ModelSettings:
         metadata={"help": "Represent items by their projected text embedding; false = ID-only model (items "
                   "without interactions then have untrained random vectors)."},
     )
+    rerank_text_similarity: bool = field(
+        default=False,
+        metadata={"help": "Give the reranking head the encoder's own text similarity (cosine of the raw BERT "
+                  "embeddings, before any projection) between each candidate and the history items: its max, its "
+                  "mean and its value for the most recent item. The towers see only projected vectors."},
+    )
     use_user_profiles: bool = field(
         default=False,
         metadata={"help": "Read each user's profile text (data.users_file) as a leading token of the history; "
@@ -117,6 +123,9 @@ class ModelSettings:
                 raise ConfigError(f"{prefix}{name} must be in [0, 1), got {getattr(self, name)}.")
         if not self.id_residual_max_ratio >= 0.0:
             raise ConfigError(f"{prefix}id_residual_max_ratio must be >= 0 (0 = unbounded), got {self.id_residual_max_ratio}.")
+        if self.rerank_text_similarity and not self.use_text_embeddings:
+            raise ConfigError(f"{prefix}rerank_text_similarity needs item texts, but {prefix}use_text_embeddings is "
+                              "false; turn one of them off or the other on.")
         if not (self.use_text_embeddings or self.use_id_embeddings):
             raise ConfigError(f"{prefix}use_text_embeddings and {prefix}use_id_embeddings are both false; an item needs "
                               "at least one representation.")

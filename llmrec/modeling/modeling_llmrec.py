@@ -24,7 +24,7 @@ from .histories import IGNORE_INDEX, pad_histories, split_histories
 from .item_encoder import ItemTextEncoder
 from .losses import RetrievalLossMixin
 from .pretrained import ENCODER_ADAPTER_FOLDER, LlmRecPreTrainedModel
-from .reranker import CrossAttentionReranker, RerankCache
+from .reranker import CrossAttentionReranker, RerankCache, text_similarity_features
 from .user_encoder import TransformerBlock, UserEncoder
 
 # Names defined in the modules above, still importable from here (their home before the split).
@@ -219,11 +219,14 @@ class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedMod
         output_attentions: bool = False,
         rerank_cache: Optional[RerankCache] = None,
         older_item_indices: Optional[torch.Tensor] = None,
+        item_text_table: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Reranker scores of (B, C) candidates in one batched call; padding candidates (index 0) get -inf.
 
         `rerank_cache` (from `self.reranker.project_items(item_embeddings)`) holds the head's per-item
         projections, so a request only gathers them; `older_item_indices` is the history before the window.
+        `item_text_table` holds the raw text embeddings of the rows the indices point at (default: the
+        catalogue cache, whose rows are item indices); only `rerank_text_similarity` reads it.
         """
         if user_embeddings is None:
             user_embeddings = self.encode_users(history_item_indices, item_embeddings, older_item_indices=older_item_indices)[:, -1]
@@ -239,8 +242,18 @@ class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedMod
             retrieval_scores,
             output_attentions=output_attentions,
             cache=rerank_cache,
+            text_similarity=self._text_similarity(candidate_item_indices, history_item_indices, item_text_table),
         )
         return scores.masked_fill(candidate_item_indices == 0, float("-inf")), attentions
+
+    def _text_similarity(
+        self, candidate_item_indices: torch.Tensor, history_item_indices: torch.Tensor, item_text_table: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
+        """The head's text-similarity features (`rerank_text_similarity`), or None when it does not read them."""
+        if not self.config.rerank_text_similarity:
+            return None
+        table = self.item_text_embeddings if item_text_table is None else item_text_table
+        return text_similarity_features(table[candidate_item_indices], table[history_item_indices], history_item_indices > 0)
 
     def _touched_item_table(
         self, index_tensors: list[Optional[torch.Tensor]], text_inputs: Optional[dict[str, torch.Tensor]]
@@ -354,6 +367,7 @@ class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedMod
         scores, attentions = self.score_candidates(
             batch.history_rows, _table_rows(batch.touched_items, candidate_item_indices), batch.item_table, user_embeddings,
             output_attentions,
+            item_text_table=self.item_text_embeddings[batch.touched_items] if self.config.rerank_text_similarity else None,
         )
         loss = None
         if candidate_labels is not None:

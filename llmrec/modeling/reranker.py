@@ -13,6 +13,28 @@ from .attention import MultiHeadAttention
 from .configuration_llmrec import LlmRecConfig
 
 
+TEXT_SIMILARITY_FEATURES = 3  # max, mean and most recent of a candidate's text cosines with the history items
+
+
+def text_similarity_features(
+    candidate_texts: torch.Tensor, history_texts: torch.Tensor, history_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, C, 3): each candidate's cosine with the history items' raw text embeddings: max, mean, most recent.
+
+    `candidate_texts` (B, C, D), `history_texts` (B, L, D) left-padded (`history_mask` True on real items).
+    This is the encoder's own similarity, which the towers' projections need not keep; a history without
+    items gives zeros.
+    """
+    cosines = F.normalize(candidate_texts.float(), dim=-1) @ F.normalize(history_texts.float(), dim=-1).transpose(1, 2)
+    mask = history_mask[:, None, :]
+    count = mask.sum(-1).clamp(min=1)
+    best = cosines.masked_fill(~mask, float("-inf")).amax(-1)
+    best = torch.where(mask.any(-1), best, torch.zeros_like(best))
+    mean = cosines.masked_fill(~mask, 0.0).sum(-1) / count
+    latest = cosines[..., -1] * mask[..., -1]  # left padding: the last slot is the most recent item
+    return torch.stack([best, mean, latest], dim=-1)
+
+
 @dataclass
 class RerankCache:
     """The reranking head's per-item projections, computed once per catalogue (`CrossAttentionReranker.project_items`).
@@ -54,7 +76,8 @@ class CrossAttentionReranker(nn.Module):
         self.attention_norm = nn.LayerNorm(hidden)
         self.feed_forward = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(2 * hidden, hidden))
         self.feed_forward_norm = nn.LayerNorm(hidden)
-        self.scorer = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        extra = TEXT_SIMILARITY_FEATURES if config.rerank_text_similarity else 0
+        self.scorer = nn.Sequential(nn.Linear(3 * hidden + extra, hidden), nn.GELU(), nn.Linear(hidden, 1))
         self.retrieval_weight = nn.Parameter(torch.ones(()))
 
     def project_items(self, item_embeddings: torch.Tensor) -> RerankCache:
@@ -78,8 +101,12 @@ class CrossAttentionReranker(nn.Module):
         retrieval_scores: torch.Tensor,
         output_attentions: bool = False,
         cache: Optional[RerankCache] = None,
+        text_similarity: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Scores (B, C) of candidate item indices for left-padded histories (B, L); `cache` skips the projections."""
+        """Scores (B, C) of candidate item indices for left-padded histories (B, L); `cache` skips the projections.
+
+        `text_similarity` (B, C, TEXT_SIMILARITY_FEATURES) from `text_similarity_features`, when the head reads it.
+        """
         length = history_item_indices.shape[1]
         recency = torch.arange(length - 1, -1, -1, device=history_item_indices.device).clamp(max=self.recency_embeddings.num_embeddings - 1)
         candidate_embeddings = item_embeddings[candidate_item_indices]
@@ -96,8 +123,9 @@ class CrossAttentionReranker(nn.Module):
         attended, weights = self.attention.attend(query, key, value, allowed, output_attentions)
         states = self.attention_norm(candidate_embeddings + attended)
         states = self.feed_forward_norm(states + self.feed_forward(states))
-        features = torch.cat(
-            [states, states * candidate_embeddings, candidate_embeddings * user_embeddings[:, None, :]], dim=-1
-        )
+        features = [states, states * candidate_embeddings, candidate_embeddings * user_embeddings[:, None, :]]
+        if text_similarity is not None:
+            features.append(text_similarity.to(states.dtype))
+        features = torch.cat(features, dim=-1)
         scores = self.scorer(features).squeeze(-1) + self.retrieval_weight * retrieval_scores
         return scores, weights

@@ -1,0 +1,86 @@
+"""`model.rerank_text_similarity`: the head reads the encoder's own candidate-history text similarity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig
+
+from llmrec.errors import ConfigError
+from llmrec.modeling import LlmRecConfig, LlmRecModel, pad_histories
+from llmrec.modeling.reranker import text_similarity_features
+from llmrec.retrieval import CandidatePipeline, build_item_index
+
+NUM_ITEMS = 30
+
+
+def _model(text_similarity: bool) -> LlmRecModel:
+    torch.manual_seed(0)
+    encoder = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = LlmRecConfig(
+        encoder_config=encoder.to_dict(), num_items=NUM_ITEMS, hidden_size=16, max_history_length=8,
+        user_num_heads=2, rerank_num_heads=2, dropout=0.0, rerank_text_similarity=text_similarity,
+    )
+    model = LlmRecModel(config)
+    with torch.no_grad():
+        model.item_text_embeddings[1:].normal_()
+    model.warm_items[1:] = True
+    return model.eval()
+
+
+def test_features_on_a_hand_made_example():
+    x, y, diagonal = [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]
+    candidates = torch.tensor([[x, diagonal]])  # (1, 2, 2)
+    history = torch.tensor([[[5.0, 5.0], x, y]])  # left-padded: slot 0 is padding (its vector must not count)
+    mask = torch.tensor([[False, True, True]])
+    features = text_similarity_features(candidates, history, mask)
+    half = 2 ** -0.5
+    expected = torch.tensor([[[1.0, 0.5, 0.0], [half, half, half]]])  # max, mean, most recent (y)
+    torch.testing.assert_close(features, expected)
+    empty = text_similarity_features(candidates, history, torch.zeros(1, 3, dtype=torch.bool))
+    assert torch.equal(empty, torch.zeros(1, 2, 3))
+
+
+def test_the_scores_depend_on_the_text_similarity():
+    model = _model(text_similarity=True)
+    with torch.no_grad():  # the head starts as retrieval (its last layer is zero); give it some weights
+        for parameter in model.reranker.scorer.parameters():
+            parameter.normal_()
+    history, candidates = pad_histories([[3, 4, 5]], 8), torch.tensor([[6, 7]])
+    item_embeddings = model.item_embeddings()
+    before, _ = model.score_candidates(history, candidates, item_embeddings)
+    with torch.no_grad():
+        model.item_text_embeddings[6] = model.item_text_embeddings[5]  # candidate 6 now reads as the latest item
+    after, _ = model.score_candidates(history, candidates, item_embeddings)  # same projected vectors
+    assert not torch.allclose(before[0, 0], after[0, 0]) and torch.allclose(before[0, 1], after[0, 1])
+    assert model.reranker.scorer[0].in_features == 3 * 16 + 3
+    assert _model(text_similarity=False).reranker.scorer[0].in_features == 3 * 16
+
+
+def test_training_forward_and_serving_give_the_same_scores():
+    """Training scores rows of a table of just the batch's items; serving scores item indices."""
+    model = _model(text_similarity=True)
+    histories = [[3, 9, 12, 4], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    candidates = torch.tensor([[5, 6, 20, 0], [8, 9, 10, 11], [29, 30, 1, 2]])
+    window = pad_histories(histories, 8)
+    output = model(window, candidate_item_indices=candidates, candidate_labels=torch.tensor([0, 1, 2]))
+    pipeline = CandidatePipeline(model, build_item_index(model), num_candidates=4)
+    served, _ = pipeline.rerank([history[-8:] for history in histories], candidates)
+    torch.testing.assert_close(output.logits, served, atol=1e-5, rtol=1e-5)
+
+
+def test_an_id_only_model_cannot_read_text_similarity():
+    with pytest.raises(ConfigError, match="rerank_text_similarity needs item texts"):
+        LlmRecConfig(num_items=5, use_text_embeddings=False, rerank_text_similarity=True)
+
+
+def test_save_and_load_keep_the_setting(tmp_path):
+    model = _model(text_similarity=True)
+    model.save_pretrained(tmp_path)
+    loaded = LlmRecModel.from_pretrained(tmp_path).eval()
+    history, candidates = pad_histories([[3, 4]], 8), torch.tensor([[6, 7, 8]])
+    assert loaded.config.rerank_text_similarity
+    torch.testing.assert_close(
+        loaded.score_candidates(history, candidates, loaded.item_embeddings())[0],
+        model.score_candidates(history, candidates, model.item_embeddings())[0],
+    )
