@@ -1,5 +1,5 @@
 """Issue 15, diversity on request: the top-k lists the evaluator keeps, coverage / ILD / popularity percentile on
-hand-made lists."""
+hand-made lists, MMR re-ranking (`diversity=λ`) through the Python API."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from llmrec import Recommender
 from llmrec.data import EvaluationExamples
+from llmrec.errors import InvalidRequestError
 from llmrec.evaluation import (
     catalogue_coverage,
     diversity_metrics,
@@ -21,12 +23,20 @@ from llmrec.evaluation import (
     popularity_percentiles,
     top_items,
 )
+from llmrec.ranking import check_diversity, diversified, mmr_order
+from test_serving_safety import NUM_CANDIDATES, build_recommender
 
+HISTORY = ["i1", "i5", "i9"]
 NAN = float("nan")
 
 # Four items in 2-D: 1 and 2 orthogonal, 3 halfway between (cos 1/sqrt(2) with each), 4 a zero vector.
 EMBEDDINGS = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
 HALF = 1.0 - 1.0 / math.sqrt(2.0)  # cosine distance between item 3 and item 1 or 2
+
+
+@pytest.fixture(scope="module")
+def recommender(tiny_encoder_dir) -> Recommender:
+    return build_recommender(tiny_encoder_dir)
 
 
 # ----- the top-k lists of the evaluation -------------------------------------------------------------------
@@ -159,3 +169,99 @@ def test_evaluate_systems_adds_the_diversity_of_the_ranking_pass():
     assert personal_metrics["coverage@2"] == pytest.approx(1.0)
     assert personal_metrics["ild@2"] == pytest.approx(((1 - 1 / math.sqrt(2)) + 1.0) / 2, abs=1e-6)
     assert personal_metrics["popularity_percentile@1"] == pytest.approx((0.75 + 0.25) / 2)
+
+
+# ----- MMR re-ranking --------------------------------------------------------------------------------------
+
+
+def test_mmr_picks_the_unlike_item_once_diversity_outweighs_the_relevance_gap():
+    # Items A and B share a direction, C is orthogonal: rel = 1, 0.95, 0 after min-max scaling.
+    scores = np.array([3.0, 2.9, 1.0])
+    vectors = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    similarities = vectors @ vectors.T
+    # Second pick: B scores (1 - λ) 0.95 - λ, C scores 0; they swap at λ = 0.95 / 1.95 ≈ 0.487.
+    assert mmr_order(scores, similarities, 0.5, 3).tolist() == [0, 2, 1]
+    assert mmr_order(scores, similarities, 0.45, 3).tolist() == [0, 1, 2]
+    assert mmr_order(scores, similarities, 0.0, 3).tolist() == [0, 1, 2]
+    assert mmr_order(scores, similarities, 1.0, 2).tolist() == [0, 2]  # λ = 1: still the most relevant item first
+    # A negative cosine earns its item a bonus: D, opposite to A, beats the more relevant C.
+    scores, vectors = np.array([3.0, 2.0, 1.0]), np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    assert mmr_order(scores, vectors @ vectors.T, 0.5, 2).tolist() == [0, 2]
+    assert mmr_order(np.array([1.0, 1.0]), np.eye(2), 0.3, 5).tolist() == [0, 1]  # equal scores; k beyond the list
+    # The penalty is the closest of *all* picks: after A and B, B's twin C loses to the less relevant D.
+    scores = np.array([4.0, 3.0, 2.9, 1.0])
+    vectors = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert mmr_order(scores, vectors @ vectors.T, 0.5, 4).tolist() == [0, 1, 3, 2]
+
+
+def test_diversified_drops_padding_and_keeps_each_items_score():
+    # Item 3 = (1, 1) is at cosine 0.71 from item 1 = (1, 0); item 2 = (0, 1) at 0. Padding and NaN are dropped.
+    indices, scores = np.array([1, 3, 0, 2, 4]), np.array([3.0, 2.9, 5.0, 1.0, np.nan])
+    # Second pick: item 3 scores (1 - λ) 0.95 - λ 0.71, item 2 scores 0.
+    picked, picked_scores = diversified(indices, scores, EMBEDDINGS, 0.8, 3)
+    assert picked.tolist() == [1, 2, 3] and picked_scores.tolist() == [3.0, 1.0, 2.9]
+    assert diversified(indices, scores, EMBEDDINGS, 0.3, 3)[0].tolist() == [1, 3, 2]
+    assert diversified(indices, scores, EMBEDDINGS, 0.8, 1)[0].tolist() == [1]
+
+
+@pytest.mark.parametrize("diversity", [True, "0.5", NAN, -0.1, 1.5, [0.5], float("inf")])
+def test_bad_diversity_is_refused_with_its_value(recommender, diversity):
+    with pytest.raises(InvalidRequestError, match="diversity"):
+        recommender.recommend(HISTORY, k=5, diversity=diversity)
+    with pytest.raises(InvalidRequestError, match="diversity"):
+        recommender.recommend_batch([HISTORY], k=5, diversity=diversity)
+
+
+def test_check_diversity_accepts_numbers_from_zero_to_one():
+    assert [check_diversity(value) for value in (None, 0, 1, 0.25, np.float32(0.5))] == [0.0, 0.0, 1.0, 0.25, 0.5]
+
+
+def test_zero_diversity_is_exactly_the_plain_ranking(recommender):
+    plain = recommender.recommend(HISTORY, k=NUM_CANDIDATES)
+    for zero in (0, 0.0, None):
+        assert recommender.recommend(HISTORY, k=NUM_CANDIDATES, diversity=zero) == plain
+    assert recommender.recommend_batch([HISTORY, ["i2"]], k=12, diversity=0.0) == recommender.recommend_batch([HISTORY, ["i2"]], k=12)
+    options = {"exclude": ["i3"], "exclude_history": False, "new_items": 2}
+    assert recommender.recommend(HISTORY, k=6, diversity=0.0, **options) == recommender.recommend(HISTORY, k=6, **options)
+
+
+def test_diversity_reorders_the_heads_candidates_by_mmr(recommender):
+    """The answer is MMR over the head's whole ranked list (k = num_candidates gives that list), cut to k."""
+    head_list = recommender.recommend(HISTORY, k=NUM_CANDIDATES)
+    indices = np.array([recommender.item_index[item_id] for item_id, _ in head_list])
+    scores = np.array([score for _, score in head_list])
+    expected, expected_scores = diversified(indices, scores, recommender.pipeline.item_text_embeddings, 1.0, 5)
+    diverse = recommender.recommend(HISTORY, k=5, diversity=1.0)
+    assert [item_id for item_id, _ in diverse] == [recommender.item_ids[index - 1] for index in expected]
+    assert [item_id for item_id, _ in diverse] != [item_id for item_id, _ in head_list[:5]]  # it did re-rank
+    assert [score for _, score in diverse] == pytest.approx(expected_scores.tolist())  # relevance scores kept
+    assert recommender.recommend_batch([HISTORY], k=5, diversity=1.0)[0] == diverse
+    assert recommender.recommend(["i2"], k=5, diversity=1.0)  # another history, served too
+    assert recommender.recommend([], k=3, diversity=1.0) == recommender.recommend([], k=3)  # popularity fallback as is
+
+
+def test_an_added_item_with_the_top_items_text_is_pushed_down(tiny_encoder_dir):
+    """add_items gives new items text embeddings: a copy of the top item's text is its twin, picked last at λ = 1."""
+    recommender = build_recommender(tiny_encoder_dir)
+    top_item = recommender.recommend(HISTORY, k=1)[0][0]
+    recommender.add_items(["twin"], [recommender.item_texts[recommender.item_index[top_item] - 1]])
+    embeddings = recommender.pipeline.item_text_embeddings
+    assert embeddings.shape[0] == recommender.num_items + 1
+    assert float(torch.cosine_similarity(embeddings[-1], embeddings[recommender.item_index[top_item]], dim=0)) > 0.9999
+    plain = [item_id for item_id, _ in recommender.recommend(HISTORY, k=NUM_CANDIDATES)]
+    assert plain.index("twin") < 2 and plain.index(top_item) < 2  # the twins lead the plain ranking
+    diverse = [item_id for item_id, _ in recommender.recommend(HISTORY, k=NUM_CANDIDATES, diversity=1.0)]
+    assert sorted(diverse) == sorted(plain)
+    assert diverse[0] == plain[0] and diverse[-1] == plain[1]  # the first twin leads, the other comes last
+
+
+def test_diversity_then_reserved_slots_for_new_items(tiny_encoder_dir):
+    recommender = build_recommender(tiny_encoder_dir)
+    recommender.add_items(["new-a", "new-b"], ["movie number 77 genre g0", "movie number 88 genre g2"])
+    diverse = recommender.recommend(HISTORY, k=6, diversity=1.0, exclude=["i3"])
+    with_slots = recommender.recommend(HISTORY, k=6, diversity=1.0, exclude=["i3"], new_items=2)
+    flagged = [item[0] for item in with_slots if item.reserved]
+    assert sorted(flagged) == ["new-a", "new-b"] and "i3" not in {item_id for item_id, _ in with_slots}
+    # The diversified order is kept; the new items take the last slots, as without diversity.
+    kept = [item_id for item_id, _ in diverse if not item_id.startswith("new-")]
+    assert [item[0] for item in with_slots if not item.reserved] == kept[: 6 - len(flagged)]
