@@ -1,8 +1,9 @@
 """Issue 15, diversity on request: the top-k lists the evaluator keeps, coverage / ILD / popularity percentile on
-hand-made lists, MMR re-ranking (`diversity=λ`) through the Python API."""
+hand-made lists, MMR re-ranking (`diversity=λ`) through the Python API, the CLI and HTTP."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from llmrec import Recommender
+from llmrec.cli import main
 from llmrec.data import EvaluationExamples
 from llmrec.errors import InvalidRequestError
 from llmrec.evaluation import (
@@ -265,3 +267,52 @@ def test_diversity_then_reserved_slots_for_new_items(tiny_encoder_dir):
     # The diversified order is kept; the new items take the last slots, as without diversity.
     kept = [item_id for item_id, _ in diverse if not item_id.startswith("new-")]
     assert [item[0] for item in with_slots if not item.reserved] == kept[: 6 - len(flagged)]
+
+
+# ----- command line and HTTP -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, recommender) -> str:
+    folder = tmp_path_factory.mktemp("diversity") / "model"
+    recommender.save_pretrained(folder)
+    return str(folder)
+
+
+def test_cli_diversity_flag(capsys, model_folder):
+    saved = Recommender.from_pretrained(model_folder)
+    assert main(["recommend", model_folder, "--history", *HISTORY, "-k", "5", "--diversity", "1", "--json"]) == 0
+    printed = [(record["item_id"], record["score"]) for record in json.loads(capsys.readouterr().out)]
+    expected = saved.recommend(HISTORY, k=5, diversity=1.0)
+    assert [item for item, _ in printed] == [item for item, _ in expected] != [item for item, _ in saved.recommend(HISTORY, k=5)]
+    assert [score for _, score in printed] == pytest.approx([score for _, score in expected], rel=1e-6)
+    for bad in ("2", "nan", "-0.5", "lots"):
+        assert main(["recommend", model_folder, "--history", *HISTORY, "--diversity", bad]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith("error: ") and len(captured.err.splitlines()) == 1
+        assert "--diversity" in captured.err and "from 0 to 1" in captured.err and repr(bad) in captured.err
+
+
+def test_http_diversity_field(recommender):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from llmrec.server import ServeSettings
+    from llmrec.server.app import create_app
+
+    expected = [item for item, _ in recommender.recommend(HISTORY, k=5, diversity=1.0)]
+    with TestClient(create_app(recommender, ServeSettings(batch_wait_ms=1))) as client:  # micro-batched /recommend
+        answer = client.post("/recommend", json={"history": HISTORY, "k": 5, "diversity": 1.0})
+        assert answer.status_code == 200, answer.text
+        assert [item["item_id"] for item in answer.json()["items"]] == expected
+        assert client.post("/recommend", json={"history": HISTORY, "k": 5, "diversity": 1}).json() == answer.json()
+        plain = client.post("/recommend", json={"history": HISTORY, "k": 5}).json()
+        assert plain == client.post("/recommend", json={"history": HISTORY, "k": 5, "diversity": 0}).json() != answer.json()
+        batch = client.post("/recommend/batch", json={"histories": [HISTORY], "k": 5, "diversity": 1.0})
+        assert [item["item_id"] for item in batch.json()["results"][0]] == expected
+        for bad in ("2", "-0.1", "true", '"0.5"', "NaN", "Infinity", "[0.5]"):
+            for path, body in (("/recommend", f'{{"history": ["i1"], "diversity": {bad}}}'),
+                               ("/recommend/batch", f'{{"histories": [["i1"]], "diversity": {bad}}}')):
+                response = client.post(path, content=body, headers={"content-type": "application/json"})
+                assert response.status_code == 422, (path, bad, response.text)
+                assert "diversity" in response.json()["detail"], (path, bad)
