@@ -199,10 +199,7 @@ def evaluate_ranking(
             if kept_top is not None:
                 kept_top[torch.as_tensor(positions)] = top_items(scores, kept_top.shape[1], exclude_mask).cpu()
     if is_distributed(accelerator):
-        scored = torch.as_tensor(np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64), dtype=torch.long)
-        ranks = gather_rows(accelerator, scored, ranks[scored], torch.full_like(ranks, -1))
-        if kept_top is not None:
-            kept_top = gather_rows(accelerator, scored, kept_top[scored], torch.zeros_like(kept_top))
+        ranks, kept_top = _gathered(accelerator, batches, ranks, kept_top)
     if kept_top is not None:
         top_items_out.copy_(kept_top)
     if bool((ranks < 0).any()):
@@ -216,6 +213,16 @@ def evaluate_ranking(
     metrics["num_users"] = len(histories)
     logger.info("%s: %s", desc, ", ".join(f"{name}={value:.4f}" for name, value in metrics.items()))
     return metrics
+
+
+def _gathered(accelerator: object, batches: list[np.ndarray], ranks: torch.Tensor,
+              kept_top: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every process's ranks (and top-K lists) written at their users' positions, on every process."""
+    scored = torch.as_tensor(np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64), dtype=torch.long)
+    ranks = gather_rows(accelerator, scored, ranks[scored], torch.full_like(ranks, -1))
+    if kept_top is not None:
+        kept_top = gather_rows(accelerator, scored, kept_top[scored], torch.zeros_like(kept_top))
+    return ranks, kept_top
 
 
 def _top_items_buffer(top_items_out: torch.Tensor | None, num_users: int) -> torch.Tensor | None:
