@@ -238,6 +238,11 @@ def test_diversity_reorders_the_heads_candidates_by_mmr(recommender):
     assert [item_id for item_id, _ in diverse] != [item_id for item_id, _ in head_list[:5]]  # it did re-rank
     assert [score for _, score in diverse] == pytest.approx(expected_scores.tolist())  # relevance scores kept
     assert recommender.recommend_batch([HISTORY], k=5, diversity=1.0)[0] == diverse
+    # k beyond the head's list: MMR re-orders the whole list, the retrieval tail follows as without diversity.
+    long_plain, long_diverse = recommender.recommend(HISTORY, k=12), recommender.recommend(HISTORY, k=12, diversity=1.0)
+    assert long_diverse[NUM_CANDIDATES:] == long_plain[NUM_CANDIDATES:] and len(long_diverse) == 12
+    assert [item_id for item_id, _ in long_diverse[:5]] == [item_id for item_id, _ in diverse]
+    assert sorted(long_diverse[:NUM_CANDIDATES]) == sorted(long_plain[:NUM_CANDIDATES])
     assert recommender.recommend(["i2"], k=5, diversity=1.0)  # another history, served too
     assert recommender.recommend([], k=3, diversity=1.0) == recommender.recommend([], k=3)  # popularity fallback as is
 
