@@ -157,9 +157,13 @@ def _baseline(system: str, fit_and_score, args: argparse.Namespace) -> dict:
     return result
 
 
-def _evaluate(score_function, examples, num_items: int, split_name: str, system: str) -> dict[str, float]:
-    """One system on one split through `evaluate_systems`, the evaluation behind every run's eval_results.json."""
-    return evaluate_systems([(split_name, examples, {system: score_function})], num_items, ks=[10, 20, 100])[split_name][system]
+def _evaluate(score_function, examples, split, split_name: str, system: str) -> dict[str, float]:
+    """One system on one split through `evaluate_systems`, the evaluation behind every run's eval_results.json.
+
+    A baseline has no text encoder, so it gets coverage@k and popularity_percentile@k but no ild@k.
+    """
+    return evaluate_systems([(split_name, examples, {system: score_function})], split.num_items, ks=[10, 20, 100],
+                            item_popularity=split.item_popularity())[split_name][system]
 
 
 def _popularity(split) -> dict:
@@ -167,8 +171,8 @@ def _popularity(split) -> dict:
     scores = popularity_scores(split.item_popularity())
     fit_seconds = time.perf_counter() - fit_start
     return {
-        "valid": _evaluate(scores, split.valid, split.num_items, "valid", "popularity"),
-        "test": _evaluate(scores, split.test, split.num_items, "test", "popularity"),
+        "valid": _evaluate(scores, split.valid, split, "valid", "popularity"),
+        "test": _evaluate(scores, split.test, split, "test", "popularity"),
         "train_seconds": fit_seconds,
     }
 
@@ -181,7 +185,7 @@ def _itemknn(split, neighbor_grid: list[int], shrinkage_grid: list[float]) -> di
             fit_start = time.perf_counter()
             knn = ItemKNN(num_neighbors or None, shrinkage).fit(split.train_sequences, split.num_items)
             fit_seconds = time.perf_counter() - fit_start
-            valid = _evaluate(knn, split.valid, split.num_items, "valid", repr(knn))
+            valid = _evaluate(knn, split.valid, split, "valid", repr(knn))
             grid.append({"num_neighbors": num_neighbors or None, "shrinkage": shrinkage, "valid": valid,
                          "fit_seconds": fit_seconds})
     best = max(grid, key=lambda entry: entry["valid"]["ndcg@10"])
@@ -191,7 +195,7 @@ def _itemknn(split, neighbor_grid: list[int], shrinkage_grid: list[float]) -> di
         "chosen": {"num_neighbors": best["num_neighbors"], "shrinkage": best["shrinkage"],
                    "selected_on": "valid ndcg@10"},
         "valid": best["valid"],
-        "test": _evaluate(knn, split.test, split.num_items, "test", repr(knn)),
+        "test": _evaluate(knn, split.test, split, "test", repr(knn)),
         "train_seconds": best["fit_seconds"],
         "grid": grid,
     }

@@ -54,6 +54,7 @@ def run_finetune(
     results: dict[str, Any] = evaluate_systems(
         split_evaluations(split, pipeline, trained.popularity, trained.profile_embeddings, trained.has_profile),
         split.num_items, ks=config.evaluation.ks, batch_size=config.evaluation.batch_size, accelerator=setup.accelerator,
+        item_text_embeddings=pipeline.item_text_embeddings, item_popularity=trained.popularity,
     )
     trained.timings["evaluation_seconds"] = time.perf_counter() - stage_start
 

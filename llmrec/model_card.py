@@ -118,8 +118,9 @@ def _test_evaluations(facts: ModelCardFacts) -> list[EvalResult]:
 
 
 def _ranking_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The @k metrics of an evaluation, without bookkeeping entries such as num_users."""
-    return {name: value for name, value in metrics.items() if "@" in name}
+    """The accuracy metrics (HR/NDCG/MRR@k) of an evaluation: no bookkeeping such as num_users, and no diversity
+    metrics (coverage@k...), which eval_results.json keeps but the Hub's model-index is not the place for."""
+    return {name: value for name, value in metrics.items() if name.partition("@")[0] in _METRIC_NAMES and "@" in name}
 
 
 def _metric_label(metric: str) -> str:

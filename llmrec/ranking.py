@@ -1,6 +1,6 @@
 """How a `Recommender` answer is made: FAISS retrieval, the cross-attention head's reordering of the first
-candidates, the popularity fallback for users with nothing to go on, and the slots `new_items` holds for
-items without a trained ID embedding.
+candidates, the MMR re-ranking `diversity` asks for, the popularity fallback for users with nothing to go on,
+and the slots `new_items` holds for items without a trained ID embedding.
 
 A `Ranker` is bound to the serving state one request read (`llmrec.serving.ServingState`) and uses nothing
 else about the catalogue, so an `add_items` meanwhile never changes an answer half-way. Its arguments are
@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from .errors import InvalidRequestError
@@ -50,6 +51,69 @@ def check_new_items(new_items: Any, k: int) -> int:
             f"new_items={new_items} is outside 0..k ({k}); it is how many of the k slots are held for new items."
         )
     return int(new_items)
+
+
+def check_diversity(diversity: Any) -> float:
+    """The MMR trade-off λ as a float in [0, 1]; None is 0, the plain ranking."""
+    if diversity is None:
+        return 0.0
+    if isinstance(diversity, (bool, np.bool_)) or not isinstance(diversity, (int, float, np.integer, np.floating)):
+        raise InvalidRequestError(
+            f"diversity must be a number from 0 to 1 (0 = the plain ranking, 1 = only diversity), got {diversity!r}."
+        )
+    if not 0.0 <= float(diversity) <= 1.0:  # NaN fails this too
+        raise InvalidRequestError(
+            f"diversity={diversity!r} is outside 0..1; it weighs dissimilarity to the items already picked against "
+            "relevance (0 = the plain ranking)."
+        )
+    return float(diversity)
+
+
+def mmr_order(scores: np.ndarray, similarities: np.ndarray, diversity: float, k: int) -> np.ndarray:
+    """Positions of up to `k` items of a list, picked greedily by maximal marginal relevance.
+
+    Each pick maximises (1 - λ)·rel(i) - λ·max_{j picked} sim(i, j), with rel the scores min-max normalised to
+    [0, 1] over the whole list (all 1 when the scores are equal). The first pick has nothing to be unlike, so
+    it is the most relevant item; ties go to the earlier position, so λ = 0 keeps a best-first list as it is.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    count = min(int(k), len(scores))
+    if count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    spread = scores.max() - scores.min()
+    relevance = (scores - scores.min()) / spread if spread > 0 else np.ones_like(scores)
+    chosen = [int(np.argmax(relevance))]
+    closest = np.array(similarities[:, chosen[0]], dtype=np.float64)  # each item's highest similarity to the picks
+    available = np.ones(len(scores), dtype=bool)
+    available[chosen[0]] = False
+    while len(chosen) < count:
+        marginal = np.where(available, (1.0 - diversity) * relevance - diversity * closest, -np.inf)
+        pick = int(np.argmax(marginal))
+        chosen.append(pick)
+        available[pick] = False
+        closest = np.maximum(closest, similarities[:, pick])
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def text_similarities(item_text_embeddings: torch.Tensor, item_indices: np.ndarray) -> np.ndarray:
+    """Cosine similarities (n, n) of the items' encoder text embeddings: the space diversity is judged in."""
+    rows = torch.as_tensor(np.asarray(item_indices, dtype=np.int64), device=item_text_embeddings.device)
+    vectors = F.normalize(item_text_embeddings[rows].float(), dim=-1)
+    return (vectors @ vectors.T).double().cpu().numpy()
+
+
+def diversified(indices: np.ndarray, scores: np.ndarray, item_text_embeddings: torch.Tensor, diversity: float,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `k` items of a best-first (item indices, scores) list in MMR order, each with its own score.
+
+    Padding (index 0) and non-finite scores are dropped first, as they would never be answered.
+    """
+    keep = np.flatnonzero((indices > 0) & np.isfinite(scores))
+    indices, scores = indices[keep], scores[keep]
+    if len(indices) == 0:
+        return indices, scores
+    order = mmr_order(scores, text_similarities(item_text_embeddings, indices), diversity, k)
+    return indices[order], scores[order]
 
 
 def check_profiles(model: LlmRecModel, profiles: Optional[Sequence[Optional[str]]], count: int) -> list[Optional[str]]:
@@ -89,9 +153,13 @@ class Ranker:
 
     def recommend(
         self, histories: list[list[int]], profiles: list[Optional[str]], excluded: set[int], allowed: Optional[np.ndarray],
-        exclude_history: bool, k: int, new_items: int,
+        exclude_history: bool, k: int, new_items: int, diversity: float = 0.0,
     ) -> list[RankedItems]:
-        """The best `k` items per history; a user with neither history nor profile gets the most popular ones."""
+        """The best `k` items per history; a user with neither history nor profile gets the most popular ones.
+
+        With `diversity` λ > 0 the head's ranked candidates are re-ranked by MMR before the answer is cut to
+        `k`; the slots for new items are then filled as without it, and the popularity fallback is left as is.
+        """
         results: list[Optional[RankedItems]] = [None] * len(histories)
         warm = []
         for row, history in enumerate(histories):
@@ -102,7 +170,8 @@ class Ranker:
         if warm:
             warm_histories = [histories[row] for row in warm]
             never = [(set(history) if exclude_history else set()) | excluded for history in warm_histories]
-            for row, ranked in zip(warm, self._retrieve_and_rerank(warm_histories, [profiles[row] for row in warm], never, allowed, k)):
+            answers = self._retrieve_and_rerank(warm_histories, [profiles[row] for row in warm], never, allowed, k, diversity)
+            for row, ranked in zip(warm, answers):
                 results[row] = ranked
         if new_items:
             self._reserve_new_items(histories, profiles, exclude_history, excluded, allowed, results, new_items)
@@ -145,9 +214,12 @@ class Ranker:
 
     def _retrieve_and_rerank(
         self, histories: list[list[int]], profiles: list[Optional[str]], never: list[set[int]],
-        allowed: Optional[np.ndarray], k: int,
+        allowed: Optional[np.ndarray], k: int, diversity: float = 0.0,
     ) -> list[RankedItems]:
-        """FAISS finds min(max(k, num_candidates), catalogue) items; the head reorders the first num_candidates."""
+        """FAISS finds min(max(k, num_candidates), catalogue) items; the head reorders the first num_candidates.
+
+        `diversity` > 0 re-orders the head's list by MMR (`diversified`); any items beyond it keep retrieval order.
+        """
         pipeline = self.state.pipeline
         user_embeddings = self._user_embeddings(pipeline, histories, profiles)
         fetch = min(max(k, pipeline.num_candidates), self.state.num_items)
@@ -162,7 +234,10 @@ class Ranker:
         head_scores = np.take_along_axis(scores, order, axis=1)
         ranked = []
         for position in range(len(histories)):
-            answer = self._ranked(head_candidates[position], head_scores[position], k)
+            listed, listed_scores = head_candidates[position], head_scores[position]
+            if diversity > 0:
+                listed, listed_scores = diversified(listed, listed_scores, pipeline.item_text_embeddings, diversity, k)
+            answer = self._ranked(listed, listed_scores, k)
             if len(answer) < k and candidates.shape[1] > head_width:
                 answer += self._ranked(candidates[position, head_width:], retrieval_scores[position, head_width:], k - len(answer))
             ranked.append(answer)

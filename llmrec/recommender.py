@@ -27,7 +27,9 @@ from .model_folder import INDEX_FILE, MODEL_CARD_FILE, check_folder, read_run_me
 from .model_io import load_model, load_model_tokenizer, read_catalogue, resolve_folder, save_folder, write_model_files
 from .modeling import LlmRecModel
 from .modeling.precision import cast_encoder_bf16, check_precision, check_quantize, quantize_int8
-from .ranking import ItemFilter, RankedItem, RankedItems, Ranker, check_new_items, check_profiles  # noqa: F401 (RankedItem, re-exported)
+from .ranking import (  # noqa: F401 (RankedItem, re-exported)
+    ItemFilter, RankedItem, RankedItems, Ranker, check_diversity, check_new_items, check_profiles,
+)
 from .retrieval import CandidatePipeline, ItemIndex, build_item_index
 from .serving import (
     MAX_K, ServingState, check_flag, check_items_to_add, check_k, check_rows, grown_state, id_collection, item_indices,
@@ -274,6 +276,7 @@ class Recommender:
         exclude_history: Optional[bool] = None,
         profile: Optional[str] = None,
         new_items: int = 0,
+        diversity: Optional[float] = None,
     ) -> RankedItems:
         """The `k` best items for one history (item ids, oldest first) as (item_id, score), best first.
 
@@ -295,10 +298,18 @@ class Recommender:
         embedding (those added with `add_items`, or never interacted with in training): new items already
         in the top k count towards n, the rest replace the last slots, in their score order. Every answer is
         then a `RankedItem` whose `reserved` flag marks those items. n=0 (the default) is the plain ranking.
+
+        `diversity=λ` (a number in [0, 1]) re-ranks the head's ranked candidates by maximal marginal relevance
+        in the encoder's text-embedding space: each next item maximises (1 - λ)·rel - λ·(its highest cosine to
+        the items already picked), rel being the head's score min-max scaled to [0, 1] over the candidates.
+        Every item keeps its relevance score, so the scores of a diversified answer need not decrease. The
+        order of the steps: exclusions and filter, retrieval and head, MMR, then the `new_items` slots as
+        above; a user with neither history nor profile still gets the popularity fallback. λ = 0 or None (the
+        default) is the plain ranking, exactly.
         """
         return self.recommend_batch(
             [history], k, exclude=exclude, filter=filter, exclude_history=exclude_history,
-            profiles=None if profile is None else [profile], new_items=new_items,
+            profiles=None if profile is None else [profile], new_items=new_items, diversity=diversity,
         )[0]
 
     def recommend_batch(
@@ -311,13 +322,16 @@ class Recommender:
         exclude_history: Optional[bool] = None,
         profiles: Optional[Sequence[Optional[str]]] = None,
         new_items: int = 0,
+        diversity: Optional[float] = None,
     ) -> list[RankedItems]:
         """`recommend` for many histories at once: one FAISS search and one reranker call per batch.
 
-        `profiles`, if given, holds one profile text (or None) per history; `new_items` as in `recommend`.
+        `profiles`, if given, holds one profile text (or None) per history; `new_items` and `diversity` as in
+        `recommend`.
         """
         k = check_k(k, self.max_k)
         new_items = check_new_items(new_items, k)
+        diversity = check_diversity(diversity)
         exclude_history = self.model.config.exclude_history if exclude_history is None else check_flag(
             exclude_history, "exclude_history"
         )
@@ -328,7 +342,7 @@ class Recommender:
         index_histories = [item_indices(state, ordered_list(history, "history"), "history") for history in histories]
         excluded = set(item_indices(state, id_collection(exclude, "exclude list"), "exclude list")) if exclude is not None else set()
         allowed = ranker.allowed_indices(filter)
-        return ranker.recommend(index_histories, profiles, excluded, allowed, exclude_history, k, new_items)
+        return ranker.recommend(index_histories, profiles, excluded, allowed, exclude_history, k, new_items, diversity)
 
     def rerank(self, history: Sequence[str], candidates: Sequence[str]) -> RankedItems:
         """Score the given candidates for one history with the cross-attention head, best first."""

@@ -71,4 +71,7 @@ def test_two_processes_equal_one_process(tmp_path, tiny_encoder_dir):
             assert set(distributed) == set(local)
             for name in local:
                 assert distributed[name] == pytest.approx(local[name], abs=1e-6), (case, name)
+        for case, lists in report["top_items"].items():
+            assert lists["distributed"] == lists["local"], case  # every user's top-10 list, gathered by position
+            assert all(row[0] > 0 for row in lists["local"]), case
     assert reports[0]["metrics"] == reports[1]["metrics"]

@@ -53,16 +53,22 @@ def assert_metrics_are_consistent(metrics: dict, label: str) -> None:
         assert abs(hr * users - round(hr * users)) < 1e-6, f"{label}: hr@{k} {hr} is not a count of hits over {users} users"
     for name in ("mrr", "ndcg", "hr"):
         assert metrics[f"{name}@10"] <= metrics[f"{name}@20"] + 1e-9, (label, name, metrics)
+    # Diversity of the same top-k lists: a longer list reaches at least as much of the catalogue.
+    assert 0.0 < metrics["coverage@10"] <= metrics["coverage@20"] <= 1.0, (label, metrics)
+    for k in (10, 20):
+        assert 0.0 < metrics[f"ild@{k}"] <= 2.0 and 0.0 < metrics[f"popularity_percentile@{k}"] <= 1.0, (label, k, metrics)
 
 
 def assert_saved_model_reproduces(output_dir: Path, results: dict) -> None:
-    """Evaluate the saved folder again, in this process, on users split again from the run's own config."""
+    """Evaluate the saved folder again, in this process, on users split again from the run's own config: the
+    ranking metrics and the diversity of the same pass's top-k lists."""
     import numpy as np
+    import torch
 
     from llmrec import Recommender
     from llmrec.config import load_config
     from llmrec.data import build_split, load_interaction_data
-    from llmrec.evaluation import evaluate_ranking, popularity_scores
+    from llmrec.evaluation import diversity_metrics, evaluate_ranking, popularity_scores
     from llmrec.training.trainer import rerank_score_function, retrieval_score_function
 
     config = load_config(overrides=results["config"])
@@ -76,9 +82,13 @@ def assert_saved_model_reproduces(output_dir: Path, results: dict) -> None:
         "retrieval": retrieval_score_function(recommender.pipeline, split.num_items),
         "rerank": rerank_score_function(recommender.pipeline, split.num_items),
     }
+    ks = config.evaluation.ks
     for split_name, examples in (("valid", split.valid), ("test", split.test)):
         for system, score_fn in systems.items():
-            again = evaluate_ranking(score_fn, examples.histories, examples.targets, split.num_items, ks=config.evaluation.ks)
+            top_items = torch.zeros((len(examples.histories), max(ks)), dtype=torch.long)
+            again = evaluate_ranking(score_fn, examples.histories, examples.targets, split.num_items, ks=ks,
+                                     top_items_out=top_items)
+            again.update(diversity_metrics(top_items, split.num_items, ks, recommender.model.item_text_embeddings, popularity))
             assert again == pytest.approx(results[split_name][system], abs=1e-6), (split_name, system)
 
 

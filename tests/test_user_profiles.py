@@ -224,7 +224,8 @@ def test_profile_evaluation_reproduces_the_run_and_can_run_twice(profile_run):
     evaluations = [evaluation for evaluation in split_evaluations(split, recommender.pipeline, split.item_popularity(),
                                                                   embeddings, has_profile)
                    if evaluation[0] in ("cold_test_with_profile", "cold_test_profile_only")]
-    settings = {"ks": config.evaluation.ks, "batch_size": 3}  # several batches per pass
+    settings = {"ks": config.evaluation.ks, "batch_size": 3,  # several batches per pass
+                "item_text_embeddings": recommender.pipeline.item_text_embeddings, "item_popularity": split.item_popularity()}
     first = evaluate_systems(evaluations, split.num_items, **settings)
     assert list(first) == ["cold_test_with_profile", "cold_test_profile_only"]
     assert evaluate_systems(evaluations, split.num_items, **settings) == first

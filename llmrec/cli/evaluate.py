@@ -18,7 +18,7 @@ SPLITS = ("valid", "test")  # the order run_finetune writes them in eval_results
 
 
 def evaluate_saved_model(recommender: "Recommender", config: "ExperimentConfig", splits: Sequence[str] = SPLITS) -> dict[str, Any]:
-    """Popularity / retrieval / rerank metrics of a saved model on the split `config` builds.
+    """Popularity / retrieval / rerank metrics (ranking and diversity) of a saved model on the split `config` builds.
 
     The same data loading, split, systems and `evaluate_systems` as `run_finetune`, so on the training config
     this reproduces eval_results.json. The split's items are mapped onto the model's catalogue by raw id,
@@ -56,7 +56,8 @@ def evaluate_saved_model(recommender: "Recommender", config: "ExperimentConfig",
         mapped = EvaluationExamples(list(examples.user_indices), [to_model[history].tolist() for history in examples.histories],
                                     to_model[examples.targets].tolist())
         evaluations.append((split_name, mapped, systems))
-    return evaluate_systems(evaluations, num_items, ks=config.evaluation.ks, batch_size=config.evaluation.batch_size)
+    return evaluate_systems(evaluations, num_items, ks=config.evaluation.ks, batch_size=config.evaluation.batch_size,
+                            item_text_embeddings=pipeline.item_text_embeddings, item_popularity=popularity)
 
 
 def command_evaluate(arguments: argparse.Namespace) -> int:

@@ -47,6 +47,17 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _unit_fraction(value: str) -> float:
+    """The type of --diversity: a number from 0 to 1, checked before the model loads (NaN is not one)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}") from None
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}")
+    return number
+
+
 def _add_command(subcommands: Any, name: str, summary: str, example: str, handler: Any) -> argparse.ArgumentParser:
     """A subcommand with the MODEL, --json and --no-verify that every command but serve takes."""
     parser = subcommands.add_parser(
@@ -79,6 +90,9 @@ def _recommend_options(recommend: argparse.ArgumentParser) -> None:
     recommend.add_argument("--new-items", type=int, default=0, metavar="N",
                            help="Hold up to N of the k slots for the best items without a trained ID embedding (added "
                            "with add_items); the JSON output marks them \"reserved\": true (default 0: none held).")
+    recommend.add_argument("--diversity", type=_unit_fraction, default=0.0, metavar="LAMBDA",
+                           help="Re-rank by maximal marginal relevance in the item-text space: 0 (default) = the plain "
+                           "ranking, up to 1 = only unlikeness to the items already picked; scores stay relevance scores.")
     recommend.add_argument("--output", metavar="FILE.jsonl", help="With --histories-file: write here instead of stdout.")
     recommend.add_argument("--batch-size", type=_positive_int, default=256, help="Users per batch (default 256).")
 

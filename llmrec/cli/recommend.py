@@ -19,6 +19,7 @@ def _recommend_options(arguments: argparse.Namespace) -> dict[str, Any]:
         "filter": arguments.only,  # an allowed set of ids
         "exclude_history": False if arguments.include_history else None,  # None: as the model was trained
         "new_items": arguments.new_items,
+        "diversity": arguments.diversity,
     }
 
 

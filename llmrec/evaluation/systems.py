@@ -1,5 +1,6 @@
 """`evaluate_systems`: every system on every evaluated split, the one evaluation behind finetune's
-eval_results.json, `llmrec evaluate` and the benchmarks."""
+eval_results.json, `llmrec evaluate` and the benchmarks: ranking metrics and, from the same scores, the
+diversity of the top-k lists (`llmrec.evaluation.diversity`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from ..data import EvaluationExamples, SequentialSplit
 from ..retrieval import CandidatePipeline
 from ..training.ranking import ScoreFunction, evaluate_ranking
+from .diversity import diversity_metrics
 from .scorers import candidate_systems, profile_score_functions
 
 logger = logging.getLogger(__name__)
@@ -27,17 +29,27 @@ def evaluate_systems(
     ks: Sequence[int] = (10, 20),
     batch_size: int = 256,
     accelerator: Optional[object] = None,
+    item_text_embeddings: Optional[torch.Tensor] = None,
+    item_popularity: Optional[np.ndarray] = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """{split: {system: metrics}} by the full-ranking protocol (`evaluate_ranking`), in the order given."""
+    """{split: {system: metrics}} by the full-ranking protocol (`evaluate_ranking`), in the order given.
+
+    Beside HR/NDCG/MRR@k each system gets coverage@k of its top-k lists, ild@k when `item_text_embeddings`
+    (the model's cached encoder outputs, (num_items + 1, dim)) are given and popularity_percentile@k when
+    `item_popularity` (training counts, entry 0 = padding) is; the lists come from the ranking pass itself.
+    """
     results: dict[str, dict[str, dict[str, float]]] = {}
     for split_name, examples, systems in evaluations:
-        results[split_name] = {
-            name: evaluate_ranking(
+        results[split_name] = {}
+        for name, score_fn in systems.items():
+            top_items = torch.zeros((len(examples.histories), max(ks)), dtype=torch.long)
+            metrics = evaluate_ranking(
                 score_fn, examples.histories, examples.targets, num_items, ks=ks, batch_size=batch_size,
-                desc=f"{split_name} {name}", accelerator=accelerator,
+                desc=f"{split_name} {name}", accelerator=accelerator, top_items_out=top_items,
             )
-            for name, score_fn in systems.items()
-        }
+            num_users = metrics.pop("num_users")
+            metrics.update(diversity_metrics(top_items, num_items, ks, item_text_embeddings, item_popularity))
+            results[split_name][name] = {**metrics, "num_users": num_users}
         for name, metrics in results[split_name].items():
             logger.info("%s %-10s %s", split_name, name, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return results

@@ -32,7 +32,10 @@ class CandidatePipeline:
     The serving cache: item representations and the reranking head's per-item query/key/value
     projections are computed once here and reused by every call, so a request only encodes the user's
     history, searches FAISS and gathers rows; `extended` builds a grown copy from the new rows alone.
-    Requests read item representations from this cache only, never from the model's item buffers.
+    Requests read item representations from this cache only, never from the model's item buffers; the one
+    exception, `item_text_embeddings` (the encoder's pooled item texts, for diversity), is a view of the model's
+    buffer taken here, not a copy: `add_items` grows that buffer into a new tensor, so the rows a pipeline
+    serves never change under it.
     """
 
     def __init__(self, model: LlmRecModel, index: ItemIndex, num_candidates: int = 100, exclude_history: bool = True) -> None:
@@ -48,6 +51,7 @@ class CandidatePipeline:
             item_embeddings = self.model.item_embeddings()
             self.rerank_cache = self.model.reranker.project_items(item_embeddings)
             self.item_embeddings = item_embeddings
+            self.item_text_embeddings = self.model.item_text_embeddings[: item_embeddings.shape[0]]
 
     def extended(self, count: int) -> "CandidatePipeline":
         """A new pipeline whose index and caches also hold the model's last `count` items (just added to it).
@@ -62,6 +66,7 @@ class CandidatePipeline:
             grown = copy.copy(self)
             grown.rerank_cache = self.rerank_cache.extended(self.model.reranker.project_items(new_embeddings))
             grown.item_embeddings = torch.cat([self.item_embeddings, new_embeddings])
+            grown.item_text_embeddings = self.model.item_text_embeddings[: start + count]
         grown.index = self.index.extended(new_embeddings.float().cpu().numpy())
         return grown
 

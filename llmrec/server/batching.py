@@ -1,6 +1,6 @@
 """Micro-batching: concurrent /recommend requests scored in one `recommend_batch` call.
 
-Requests are grouped by everything but their history (recommender, k, exclude, filter, exclude_history),
+Requests are grouped by everything but their history (recommender, k, exclude, filter, exclude_history, ...),
 so a group's one call answers each member exactly as `recommend` would. Scoring runs in a worker thread,
 so the event loop keeps accepting requests meanwhile; they form the next batch, which is what makes
 batching pay under load while a lone request waits at most `wait_seconds`.
@@ -30,10 +30,11 @@ class RecommendOptions:
     filter: Optional[tuple] = None
     exclude_history: Any = None  # None: the model's retrieval.exclude_history
     new_items: Any = 0
+    diversity: Any = None  # None: the plain ranking
 
     def keywords(self) -> dict[str, Any]:
         return {"exclude": self.exclude, "filter": self.filter, "exclude_history": self.exclude_history,
-                "new_items": self.new_items}
+                "new_items": self.new_items, "diversity": self.diversity}
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Any, Optional
 from fastapi import APIRouter, Depends, Request, Response
 
 from ..errors import InvalidRequestError
+from ..ranking import check_diversity
 from .batching import RecommendOptions
 from .context import ServerContext, UnauthorizedError, check_limit
 from .schemas import (
@@ -61,7 +62,10 @@ def _options(body: Any, context: ServerContext) -> RecommendOptions:
         values = getattr(body, name)
         if values is not None:
             check_limit(len(values), limit, f"{name} list", "max_id_list_items")
-    return RecommendOptions(body.k, _hashable(body.exclude), _hashable(body.filter), body.exclude_history, body.new_items)
+    # Checked here, not first in the batcher: a bad value is the caller's 422 alone, never a failed micro-batch.
+    diversity = check_diversity(body.diversity)
+    return RecommendOptions(body.k, _hashable(body.exclude), _hashable(body.filter), body.exclude_history, body.new_items,
+                            diversity)
 
 
 def _hashable(item_ids: Optional[list]) -> Optional[tuple]:

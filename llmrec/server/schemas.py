@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 ItemId = Union[StrictStr, StrictInt]
 
@@ -27,6 +27,10 @@ class _Options(_Body):
     )
     new_items: StrictInt = Field(0, description="Hold up to this many of the k slots for the best items added after "
                                  "training (no trained ID embedding); they come back with \"reserved\": true.")
+    diversity: Optional[StrictFloat] = Field(
+        None, description="MMR re-ranking in the item-text space, from 0 (null, the default: the plain ranking) to 1 "
+        "(only unlikeness to the items already picked); each item keeps its relevance score."
+    )
 
 
 class RecommendRequest(_Options):

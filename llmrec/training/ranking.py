@@ -1,5 +1,6 @@
-"""Full-catalogue ranking of one held-out item per user: ranks, HR/NDCG/MRR@K, the batched evaluator, and the
-candidate pipeline's retrieval / rerank stages as score functions.
+"""Full-catalogue ranking of one held-out item per user: ranks, HR/NDCG/MRR@K, the batched evaluator (which can
+also keep each user's top-K list, for `llmrec.evaluation.diversity`), and the candidate pipeline's retrieval /
+rerank stages as score functions.
 
 This is the protocol early stopping validates with and the final evaluation reports, so it lives where
 training can use it; `llmrec.evaluation` re-exports all of it and builds the evaluation of whole systems on top.
@@ -103,6 +104,41 @@ def history_exclude_mask(histories: Sequence[Sequence[int]], num_items: int, dev
     return mask
 
 
+def top_items(scores: torch.Tensor, k: int, exclude_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, k) 1-based indices of each row's k best real, non-excluded items, best first.
+
+    The items `target_ranks` ranks against, ordered the same way: padding, excluded and NaN / -inf scores are
+    never listed (their slots are 0 when a row has fewer than k such items), and ties go to the lower item
+    index, so a list does not depend on batching. One top-k and a cumulative sum, not a sort of the catalogue.
+    """
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(f"scores must have shape (batch, num_items + 1) with num_items >= 1; got {tuple(scores.shape)}.")
+    if int(k) != k or k <= 0:
+        raise ValueError(f"k must be a positive integer; got {k!r}.")
+    batch_size, num_columns = scores.shape
+    if not scores.is_floating_point():
+        scores = scores.double()
+    ranked = scores.masked_fill(torch.isnan(scores), float("-inf"))
+    ranked[:, 0] = float("-inf")
+    if exclude_mask is not None:
+        if exclude_mask.shape != scores.shape:
+            raise ValueError(f"exclude_mask shape {tuple(exclude_mask.shape)} does not match scores {tuple(scores.shape)}.")
+        ranked = ranked.masked_fill(exclude_mask.to(device=scores.device, dtype=torch.bool), float("-inf"))
+    width = min(int(k), num_columns - 1)
+    kth = ranked.topk(width, dim=1).values[:, -1:]
+    above = ranked > kth  # fewer than `width` per row; the rest come from the ties at the k-th score, lowest index first
+    tied = ranked == kth
+    room = width - above.sum(dim=1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= room))
+    indices = chosen.nonzero()[:, 1].reshape(batch_size, width)  # exactly `width` per row, in index order
+    chosen_scores = ranked.gather(1, indices)
+    order = chosen_scores.argsort(dim=1, descending=True, stable=True)
+    indices = indices.gather(1, order).masked_fill(chosen_scores.gather(1, order) == float("-inf"), 0)
+    if width < k:  # k beyond the catalogue: the missing slots are empty
+        indices = torch.cat([indices, indices.new_zeros(batch_size, int(k) - width)], dim=1)
+    return indices
+
+
 def _scoring_batches(score_fn: ScoreFunction, histories: Sequence[Sequence[int]], batch_size: int,
                      accelerator: object | None) -> tuple[list[np.ndarray], object | None]:
     """Positions per batch, and the accelerator to share them over (None: every process scores them all).
@@ -126,12 +162,17 @@ def evaluate_ranking(
     exclude_history: bool = True,
     desc: str = "evaluate",
     accelerator: object | None = None,
+    top_items_out: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Rank each user's held-out target against the whole catalogue; history items are removed so re-recommending them earns nothing.
 
     With a multi-process `accelerator` each process scores its share of the batches and the ranks are
     gathered by user position, so every user counts once and every process returns the one-process metrics.
     A score function tied to the examples' order is scored whole in every process.
+
+    `top_items_out`, a (len(histories), K) tensor, is filled with each user's top-K item indices (`top_items`,
+    with the history excluded as for the ranks) from the same scores, so diversity metrics need no second
+    scoring pass; it is gathered across processes as the ranks are.
     """
     if len(histories) != len(targets):
         raise ValueError(f"{len(histories)} histories but {len(targets)} targets; they must pair up one to one.")
@@ -141,6 +182,7 @@ def evaluate_ranking(
         raise ValueError(f"batch_size must be positive; got {batch_size}.")
 
     ranks = torch.full((len(histories),), -1, dtype=torch.long)
+    kept_top = _top_items_buffer(top_items_out, len(histories))
     batches, accelerator = _scoring_batches(score_fn, histories, batch_size, accelerator)
     takes_positions = getattr(score_fn, "takes_positions", False)
     with torch.no_grad():
@@ -154,9 +196,12 @@ def evaluate_ranking(
             scores = scores.detach()
             exclude_mask = history_exclude_mask(batch_histories, num_items, scores.device) if exclude_history else None
             ranks[torch.as_tensor(positions)] = target_ranks(scores, batch_targets.to(scores.device), exclude_mask).cpu()
+            if kept_top is not None:
+                kept_top[torch.as_tensor(positions)] = top_items(scores, kept_top.shape[1], exclude_mask).cpu()
     if is_distributed(accelerator):
-        scored = torch.as_tensor(np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64), dtype=torch.long)
-        ranks = gather_rows(accelerator, scored, ranks[scored], torch.full_like(ranks, -1))
+        ranks, kept_top = _gathered(accelerator, batches, ranks, kept_top)
+    if kept_top is not None:
+        top_items_out.copy_(kept_top)
     if bool((ranks < 0).any()):
         raise RuntimeError(f"{int((ranks < 0).sum())} of {len(ranks)} users were not scored by any process.")
 
@@ -168,6 +213,27 @@ def evaluate_ranking(
     metrics["num_users"] = len(histories)
     logger.info("%s: %s", desc, ", ".join(f"{name}={value:.4f}" for name, value in metrics.items()))
     return metrics
+
+
+def _gathered(accelerator: object, batches: list[np.ndarray], ranks: torch.Tensor,
+              kept_top: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every process's ranks (and top-K lists) written at their users' positions, on every process."""
+    scored = torch.as_tensor(np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64), dtype=torch.long)
+    ranks = gather_rows(accelerator, scored, ranks[scored], torch.full_like(ranks, -1))
+    if kept_top is not None:
+        kept_top = gather_rows(accelerator, scored, kept_top[scored], torch.zeros_like(kept_top))
+    return ranks, kept_top
+
+
+def _top_items_buffer(top_items_out: torch.Tensor | None, num_users: int) -> torch.Tensor | None:
+    """A CPU table for the top-K lists `evaluate_ranking` is asked to keep (None: it keeps none)."""
+    if top_items_out is None:
+        return None
+    if top_items_out.ndim != 2 or top_items_out.shape[0] != num_users or top_items_out.shape[1] < 1:
+        raise ValueError(f"top_items_out must have shape ({num_users}, K) with K >= 1; got {tuple(top_items_out.shape)}.")
+    if top_items_out.is_floating_point() or top_items_out.dtype == torch.bool:
+        raise ValueError(f"top_items_out must hold integers (item indices); got {top_items_out.dtype}.")
+    return torch.zeros(tuple(top_items_out.shape), dtype=torch.long)
 
 
 def scores_from_candidates(candidate_indices: torch.Tensor, candidate_scores: torch.Tensor, num_items: int) -> torch.Tensor:

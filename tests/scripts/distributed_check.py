@@ -1,6 +1,6 @@
 """Run under `accelerate launch` (2 processes): distributed encoding and evaluation against one process.
 
-Every process computes the catalogue cache and the metrics twice, with the run's accelerator and with
+Every process computes the catalogue cache, the metrics and the top-10 lists twice, with the run's accelerator and with
 none (the one-process path), and writes both to `<out>/rank<r>.json` for tests/test_distributed.py to compare.
 Item and user counts are chosen so the batches do not divide evenly, and one case leaves a process empty.
 """
@@ -35,7 +35,8 @@ def main(encoder_dir: str, out_dir: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
     texts = [f"movie number {item} " + f"genre g{item % 4} " * (item % 5) for item in range(NUM_ITEMS)]
     tokenized = tokenize_item_texts(tokenizer, texts, 16)
-    report: dict = {"rank": accelerator.process_index, "num_processes": accelerator.num_processes, "cache": {}, "metrics": {}}
+    report: dict = {"rank": accelerator.process_index, "num_processes": accelerator.num_processes, "cache": {}, "metrics": {},
+                    "top_items": {}}
     for batch_size in (4, 64):  # 64: one batch, so the second process encodes nothing
         local = embed_tokenized_items(model, tokenized, batch_size, show_progress=False)
         shared = embed_tokenized_items(model, tokenized, batch_size, show_progress=False, accelerator=accelerator)
@@ -55,12 +56,16 @@ def main(encoder_dir: str, out_dir: str) -> None:
         return scores
 
     for name, users, batch_size in (("uneven", NUM_USERS, 4), ("one_batch", 3, 4), ("one_user_each", 2, 1)):
+        local_top, distributed_top = torch.zeros((users, 10), dtype=torch.long), torch.zeros((users, 10), dtype=torch.long)
         report["metrics"][name] = {
-            "local": evaluate_ranking(score, histories[:users], targets[:users], NUM_ITEMS, batch_size=batch_size),
+            "local": evaluate_ranking(score, histories[:users], targets[:users], NUM_ITEMS, batch_size=batch_size,
+                                      top_items_out=local_top),
             "distributed": evaluate_ranking(
-                score, histories[:users], targets[:users], NUM_ITEMS, batch_size=batch_size, accelerator=accelerator
+                score, histories[:users], targets[:users], NUM_ITEMS, batch_size=batch_size, accelerator=accelerator,
+                top_items_out=distributed_top,
             ),
         }
+        report["top_items"][name] = {"local": local_top.tolist(), "distributed": distributed_top.tolist()}
     Path(out_dir, f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
     accelerator.wait_for_everyone()
     accelerator.end_training()
