@@ -44,7 +44,7 @@ def test_features_on_a_hand_made_example():
 def test_the_scores_depend_on_the_text_similarity():
     model = _model(text_similarity=True)
     with torch.no_grad():  # the head starts as retrieval (its last layer is zero); give it some weights
-        for parameter in model.reranker.scorer.parameters():
+        for parameter in [*model.reranker.scorer.parameters(), model.reranker.text_similarity_weight]:
             parameter.normal_()
     history, candidates = pad_histories([[3, 4, 5]], 8), torch.tensor([[6, 7]])
     item_embeddings = model.item_embeddings()
@@ -53,8 +53,21 @@ def test_the_scores_depend_on_the_text_similarity():
         model.item_text_embeddings[6] = model.item_text_embeddings[5]  # candidate 6 now reads as the latest item
     after, _ = model.score_candidates(history, candidates, item_embeddings)  # same projected vectors
     assert not torch.allclose(before[0, 0], after[0, 0]) and torch.allclose(before[0, 1], after[0, 1])
-    assert model.reranker.scorer[0].in_features == 3 * 16 + 3
-    assert _model(text_similarity=False).reranker.scorer[0].in_features == 3 * 16
+    assert model.reranker.text_similarity_weight.shape == (16, 3)
+    assert _model(text_similarity=False).reranker.text_similarity_weight is None
+
+
+def test_switching_the_features_on_changes_no_other_weight_nor_the_random_stream():
+    """So a run with the features trains the very same stage 1 as one without."""
+    models, next_draws = [], []
+    for text_similarity in (False, True):
+        models.append(_model(text_similarity))
+        next_draws.append(torch.rand(3))
+    without, with_features = (model.state_dict() for model in models)
+    assert set(with_features) - set(without) == {"reranker.text_similarity_weight"}
+    assert all(torch.equal(without[name], with_features[name]) for name in without)
+    assert torch.equal(*next_draws)
+    assert not with_features["reranker.text_similarity_weight"].any()
 
 
 def test_training_forward_and_serving_give_the_same_scores():

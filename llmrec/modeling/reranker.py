@@ -76,8 +76,13 @@ class CrossAttentionReranker(nn.Module):
         self.attention_norm = nn.LayerNorm(hidden)
         self.feed_forward = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(2 * hidden, hidden))
         self.feed_forward_norm = nn.LayerNorm(hidden)
-        extra = TEXT_SIMILARITY_FEATURES if config.rerank_text_similarity else 0
-        self.scorer = nn.Sequential(nn.Linear(3 * hidden + extra, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.scorer = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        # The text-similarity features join the scorer's first layer through weights of their own that start
+        # at zero (no random draw): switching them on changes neither the towers' initialisation nor the
+        # random stream training reads, so stage 1 is the same run with or without them.
+        self.text_similarity_weight = (
+            nn.Parameter(torch.zeros(hidden, TEXT_SIMILARITY_FEATURES)) if config.rerank_text_similarity else None
+        )
         self.retrieval_weight = nn.Parameter(torch.ones(()))
 
     def project_items(self, item_embeddings: torch.Tensor) -> RerankCache:
@@ -123,9 +128,14 @@ class CrossAttentionReranker(nn.Module):
         attended, weights = self.attention.attend(query, key, value, allowed, output_attentions)
         states = self.attention_norm(candidate_embeddings + attended)
         states = self.feed_forward_norm(states + self.feed_forward(states))
-        features = [states, states * candidate_embeddings, candidate_embeddings * user_embeddings[:, None, :]]
-        if text_similarity is not None:
-            features.append(text_similarity.to(states.dtype))
-        features = torch.cat(features, dim=-1)
-        scores = self.scorer(features).squeeze(-1) + self.retrieval_weight * retrieval_scores
+        features = torch.cat(
+            [states, states * candidate_embeddings, candidate_embeddings * user_embeddings[:, None, :]], dim=-1
+        )
+        first, activation, last = self.scorer
+        hidden = first(features)
+        if self.text_similarity_weight is not None:
+            if text_similarity is None:
+                raise ValueError("This head reads text-similarity features (rerank_text_similarity); pass text_similarity.")
+            hidden = hidden + F.linear(text_similarity.to(hidden.dtype), self.text_similarity_weight)
+        scores = last(activation(hidden)).squeeze(-1) + self.retrieval_weight * retrieval_scores
         return scores, weights
