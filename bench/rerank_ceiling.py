@@ -29,6 +29,7 @@ from llmrec.config import load_config  # noqa: E402
 from llmrec.data import build_split, load_interaction_data  # noqa: E402
 from llmrec.retrieval import CandidatePipeline  # noqa: E402
 from llmrec.training.examples import held_out_prefixes, rerank_prefixes  # noqa: E402
+from llmrec.training.trainer import stage2_candidate_items  # noqa: E402
 from llmrec.utils.length_order import length_sorted_batches  # noqa: E402
 
 CUTOFF = 10
@@ -76,10 +77,7 @@ def measure(folder: Path) -> dict:
     training = config.training
     prefixes = held_out_prefixes if training.rerank_holdout else rerank_prefixes
     histories, targets = prefixes(split.train_sequences, training.rerank_positions_per_user)
-    allowed = None  # the stage-2 lists leave out items without training interactions, as the trainer does
-    if model.config.exclude_unseen_items_from_loss and model.warm_items.any():
-        allowed = torch.nonzero(model.warm_items).flatten().cpu().numpy()
-    train_positions = target_positions(pipeline, histories, targets, rerank=False, allowed=allowed)
+    train_positions = target_positions(pipeline, histories, targets, rerank=False, allowed=stage2_candidate_items(model))
     result = {"folder": str(folder), "rerank_holdout": training.rerank_holdout,
               "rerank_positions_per_user": training.rerank_positions_per_user,
               "num_candidates": config.retrieval.num_candidates,

@@ -48,6 +48,18 @@ from .samplers import LengthGroupedBatchSampler, NegativeSampler, derived_seed
 logger = logging.getLogger(__name__)
 
 
+def stage2_candidate_items(model: LlmRecModel) -> Optional[np.ndarray]:
+    """The items stage-2 candidate lists may hold: with `exclude_unseen_items_from_loss`, only warm ones.
+
+    An item without training interactions is never a stage-2 target, so in the candidate lists it would
+    only ever be a negative and the head would learn to bury it: exactly the new items it must rank.
+    Like the stage-1 softmax, the lists leave such items out. None = every item.
+    """
+    if model.config.exclude_unseen_items_from_loss and model.warm_items.any():
+        return torch.nonzero(model.warm_items).flatten().cpu().numpy()
+    return None
+
+
 class LlmRecTrainer(StageLoop):
     """Trains an `LlmRecModel` on a `SequentialSplit`.
 
@@ -163,15 +175,8 @@ class LlmRecTrainer(StageLoop):
         pipeline = self.candidate_pipeline()
         prefixes = held_out_prefixes if settings.rerank_holdout else rerank_prefixes
         histories, targets = prefixes(self.split.train_sequences, settings.rerank_positions_per_user)
-        # An item without training interactions is never a stage-2 target, so in the candidate lists it would
-        # only ever be a negative and the head would learn to bury it: exactly the new items it must rank.
-        # Like the stage-1 softmax (`exclude_unseen_items_from_loss`), the lists leave such items out.
-        model = self.accelerator.unwrap_model(self.model)
-        allowed = None
-        if model.config.exclude_unseen_items_from_loss and model.warm_items.any():
-            allowed = torch.nonzero(model.warm_items).flatten().cpu().numpy()
         max_length = self.model.config.max_history_length
-        candidates = self._stage2_candidates(pipeline, histories, allowed)
+        candidates = self._stage2_candidates(pipeline, histories, stage2_candidate_items(self.accelerator.unwrap_model(self.model)))
         examples = []
         for history, target, row in zip(histories, targets, candidates):
             hit = np.flatnonzero(row == target)
