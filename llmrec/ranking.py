@@ -167,14 +167,17 @@ class Ranker:
                 warm.append(row)
             else:
                 results[row] = self._popular(excluded, allowed, k)
+        warm_histories = [histories[row] for row in warm]
+        never = [(set(history) if exclude_history else set()) | excluded for history in warm_histories]
+        user_embeddings = None
         if warm:
-            warm_histories = [histories[row] for row in warm]
-            never = [(set(history) if exclude_history else set()) | excluded for history in warm_histories]
-            answers = self._retrieve_and_rerank(warm_histories, [profiles[row] for row in warm], never, allowed, k, diversity)
+            # One user-tower pass serves the full ranking and the new items' slots alike.
+            user_embeddings = self._user_embeddings(self.state.pipeline, warm_histories, [profiles[row] for row in warm])
+            answers = self._retrieve_and_rerank(warm_histories, user_embeddings, never, allowed, k, diversity)
             for row, ranked in zip(warm, answers):
                 results[row] = ranked
         if new_items:
-            self._reserve_new_items(histories, profiles, exclude_history, excluded, allowed, results, new_items)
+            self._reserve_new_items(warm, warm_histories, user_embeddings, never, allowed, results, new_items)
         return results
 
     def rerank(self, histories: list[list[int]], candidates: list[list[int]]) -> list[RankedItems]:
@@ -213,7 +216,7 @@ class Ranker:
         return ranked
 
     def _retrieve_and_rerank(
-        self, histories: list[list[int]], profiles: list[Optional[str]], never: list[set[int]],
+        self, histories: list[list[int]], user_embeddings: torch.Tensor, never: list[set[int]],
         allowed: Optional[np.ndarray], k: int, diversity: float = 0.0,
     ) -> list[RankedItems]:
         """FAISS finds min(max(k, num_candidates), catalogue) items; the head reorders the first num_candidates.
@@ -221,7 +224,6 @@ class Ranker:
         `diversity` > 0 re-orders the head's list by MMR (`diversified`); any items beyond it keep retrieval order.
         """
         pipeline = self.state.pipeline
-        user_embeddings = self._user_embeddings(pipeline, histories, profiles)
         fetch = min(max(k, pipeline.num_candidates), self.state.num_items)
         retrieval_scores, candidates = pipeline.retrieve(histories, fetch, user_embeddings, exclude=never, allowed=allowed)
         head_width = max(0, min(pipeline.num_candidates, candidates.shape[1]))
@@ -255,28 +257,26 @@ class Ranker:
         return self.model.encode_users(window, pipeline.item_embeddings, profile_embeddings, has_profile, older, last_only=True)[:, -1]
 
     def _reserve_new_items(
-        self, histories: list[list[int]], profiles: list[Optional[str]], exclude_history: bool,
-        excluded: set[int], allowed: Optional[np.ndarray], results: list, new_items: int,
+        self, rows: list[int], histories: list[list[int]], user_embeddings: Optional[torch.Tensor], never: list[set[int]],
+        allowed: Optional[np.ndarray], results: list, new_items: int,
     ) -> None:
-        """Put up to `new_items` of the best new items (no trained ID row) into each answer's last slots, flagged."""
+        """Put up to `new_items` of the best new items (no trained ID row) into each answer's last slots, flagged.
+
+        `rows` are the answers with a history or profile, whose `histories`, `user_embeddings` and `never` sets
+        the full ranking used; the popularity answers of the others get no new items (nothing to rank them by).
+        """
         state = self.state
         warm_items = self.model.warm_items[1 : state.num_items + 1].cpu().numpy()
         fresh = np.flatnonzero(~warm_items) + 1
         if allowed is not None:
             fresh = np.intersect1d(fresh, allowed)
         fresh_ids = {state.item_ids[index - 1] for index in fresh.tolist()}
-        best_fresh: list[RankedItems] = [[] for _ in histories]
-        if len(fresh):
-            never = [(set(history) if exclude_history else set()) | excluded for history in histories]
+        best_fresh: list[RankedItems] = [[] for _ in results]
+        if len(fresh) and rows:
             # The new items ranked among themselves by the same retrieval + head as the full ranking.
-            rows = [row for row, history in enumerate(histories) if history or profiles[row] is not None]
-            if rows:
-                ranked = self._retrieve_and_rerank(
-                    [histories[row] for row in rows], [profiles[row] for row in rows], [never[row] for row in rows],
-                    fresh, new_items,
-                )
-                for row, answer in zip(rows, ranked):
-                    best_fresh[row] = answer
+            ranked = self._retrieve_and_rerank(histories, user_embeddings, never, fresh, new_items)
+            for row, answer in zip(rows, ranked):
+                best_fresh[row] = answer
         for row, answer in enumerate(results):
             results[row] = _with_reserved_slots(answer, best_fresh[row], fresh_ids, new_items)
 
