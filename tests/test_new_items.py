@@ -24,8 +24,10 @@ def with_new_items(trained_run) -> Recommender:
 
 
 def test_new_item_matching_a_taste_reaches_that_users_top10_and_not_the_opposite_users(with_new_items):
-    for start in (0, 5, 10):
-        fan_a, fan_b = _fan_history(0, start=start), _fan_history(2, start=start)
+    # Four films seen, so 16 warm films of the same genre, each with a trained ID row and the sequence behind it,
+    # compete with the new one for the 10 slots: it gets in only if text-only items are scored on the warm scale.
+    for start in (0, 5, 10, 15):
+        fan_a, fan_b = _fan_history(0, length=4, start=start), _fan_history(2, length=4, start=start)
         top_a = [item for item, _ in with_new_items.recommend(fan_a, k=10)]
         top_b = [item for item, _ in with_new_items.recommend(fan_b, k=10)]
         assert "new-g0" in top_a, top_a
@@ -63,3 +65,15 @@ def test_new_items_reserves_slots_for_the_best_new_items_and_flags_them(with_new
 def test_new_items_must_be_an_integer_from_0_to_k(with_new_items, bad):
     with pytest.raises(InvalidRequestError, match="new_items"):
         with_new_items.recommend(_fan_history(0), k=10, new_items=bad)
+
+
+def test_new_items_leave_the_popularity_answer_of_a_user_without_history_alone(with_new_items):
+    plain = with_new_items.recommend([], k=5)
+    with_slots = with_new_items.recommend([], k=5, new_items=2)
+    assert all(isinstance(item, RankedItem) and not item.reserved for item in with_slots)
+    assert [tuple(item) for item in with_slots] == [tuple(item) for item in plain]
+    fan = _fan_history(0, length=4)
+    mixed = with_new_items.recommend_batch([[], fan], k=10, new_items=2)
+    alone = with_new_items.recommend(fan, k=10, new_items=2)
+    assert [(item[0], item.reserved) for item in mixed[1]] == [(item[0], item.reserved) for item in alone]
+    assert [tuple(item) for item in mixed[0]] == [tuple(item) for item in with_new_items.recommend([], k=10)]
