@@ -11,16 +11,14 @@ head's per-item projections are cached as in serving.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.abba import alternating_timings  # noqa: E402
 from bench.common import git_commit, machine, rounded_load_average, table_header, table_row, write_results  # noqa: E402
 from llmrec import Recommender  # noqa: E402
 from llmrec.config import load_config  # noqa: E402
@@ -36,34 +34,18 @@ def test_histories(folder: Path, count: int) -> list[list[str]]:
     return [[split.item_ids[index - 1] for index in history] for history in split.test.histories[:count]]
 
 
-def timed(call) -> float:
-    started = time.perf_counter()
-    call()
-    return (time.perf_counter() - started) * 1000
-
-
 def measure(models: dict[str, Recommender], histories: list[list[str]], repeats: int) -> dict:
     """Milliseconds per call of each operation and model, alternating ABBA."""
-    names = list(models)
-    samples = {operation: {name: [] for name in names} for operation in TARGETS_MS}
-    candidates = {name: [] for name in names}
+    candidates = {}
     for name, recommender in models.items():  # each model's own 100 FAISS candidates, fixed before timing
         candidates[name] = [[item_id for item_id, _ in recommender.recommend(history, k=100)] for history in histories]
         recommender.recommend(histories[0], k=10)  # warm-up
-    gc.disable()
-    try:
-        for repeat in range(repeats):
-            order = names if repeat % 2 == 0 else names[::-1]
-            for position, history in enumerate(histories):
-                for name in order + order[::-1]:
-                    recommender = models[name]
-                    samples["rerank"][name].append(timed(lambda: recommender.rerank(history, candidates[name][position])))
-                    samples["recommend"][name].append(timed(lambda: recommender.recommend(history, k=10)))
-    finally:
-        gc.enable()
-    return {operation: {name: {"p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99)),
-                               "calls": len(values)} for name, values in per_model.items()}
-            for operation, per_model in samples.items()}
+    calls = {}
+    for name, recommender in models.items():
+        calls[("rerank", name)] = lambda position, r=recommender, n=name: r.rerank(histories[position], candidates[n][position])
+        calls[("recommend", name)] = lambda position, r=recommender: r.recommend(histories[position], k=10)
+    timings = alternating_timings(calls, len(histories), repeats)
+    return {operation: {name: timings[(operation, name)] for name in models} for operation in TARGETS_MS}
 
 
 def render(results: dict) -> str:
