@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from coldstart_common import SYSTEMS, _random_expectation, _replace_block, machine_line
+from coldstart_frontier import frontier
 from coldstart_users import run_cold_users
 from common import table_header
 from llmrec import Recommender
@@ -176,6 +177,8 @@ def _learned_system(name: str, system_overrides: dict, base_overrides: dict, spl
     entry["valid_warm"] = {stage: run_results["valid"][stage] for stage in ("retrieval", "rerank")}
     entry["best_valid_epochs"] = run_results["best_valid_epochs"]
     entry["diagnostics"] = _cold_bias_diagnostics(recommender, split)
+    if model_overrides.get("use_id_embeddings", True):
+        entry["frontier"] = frontier(recommender, split)
     entry["seconds"] = round(time.perf_counter() - system_start, 1)
     return entry
 
@@ -194,7 +197,7 @@ def _cold_items_command(args: argparse.Namespace) -> str:
 
 def _protocol(split, config) -> dict:
     return {
-        "data": "MovieLens-100k (RecBole copy), every interaction a positive",
+        "data": config.data.path or "MovieLens-100k (RecBole copy), every interaction a positive",
         "split": f"cold_items, {config.data.cold_item_fraction:.0%} of the interacted items held out "
                  f"({config.data.cold_item_selection}, seed {config.data.seed})",
         "num_items": split.num_items,
