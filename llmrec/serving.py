@@ -106,10 +106,13 @@ def grown_state(
 
 def _undo_growth(model: LlmRecModel) -> Callable[[], None]:
     """A function that puts back the model's catalogue buffers as they are now (if add_items fails halfway)."""
-    saved = (model.item_text_embeddings, model.warm_items, model.item_id_embeddings, model.config.num_items)
+    saved = (model.item_text_embeddings, model.warm_items, model.item_id_embeddings, model.config.num_items,
+             getattr(model, "item_popularity_feature", None))
 
     def undo() -> None:
         model.item_text_embeddings, model.warm_items = saved[0], saved[1]
+        if saved[4] is not None:
+            model.item_popularity_feature = saved[4]
         if saved[2] is not None:
             model.item_id_embeddings = saved[2]
         model.config.num_items = saved[3]

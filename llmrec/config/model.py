@@ -91,6 +91,11 @@ class ModelSettings:
                   "embeddings, before any projection) between each candidate and the history items: its max, its "
                   "mean and its value for the most recent item. The towers see only projected vectors."},
     )
+    rerank_popularity: bool = field(
+        default=False,
+        metadata={"help": "Give the reranking head each candidate's popularity: its log training count, scaled to "
+                  "[0, 1] (0 for items added after training)."},
+    )
     use_user_profiles: bool = field(
         default=False,
         metadata={"help": "Read each user's profile text (data.users_file) as a leading token of the history; "

@@ -24,6 +24,8 @@ class CatalogueEditingMixin:
             [self.item_text_embeddings, text_embeddings.to(device, self.item_text_embeddings.dtype)]
         )
         self.warm_items = torch.cat([self.warm_items, torch.zeros(count, dtype=torch.bool, device=device)])
+        if self.config.rerank_popularity:
+            self.item_popularity_feature = torch.cat([self.item_popularity_feature, torch.zeros(count, device=device)])
         if self.item_id_embeddings is not None:
             old = self.item_id_embeddings.weight
             grown = nn.Embedding(old.shape[0] + count, old.shape[1], padding_idx=0, device=device, dtype=old.dtype)

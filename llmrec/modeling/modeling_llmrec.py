@@ -101,6 +101,8 @@ class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedMod
         # catalogue is encoded once, not at every step.
         self.register_buffer("item_text_embeddings", torch.zeros(config.num_items + 1, self.item_encoder.output_size))
         self.register_buffer("warm_items", torch.zeros(config.num_items + 1, dtype=torch.bool))
+        if config.rerank_popularity:  # the head's per-item popularity (`set_item_popularity`)
+            self.register_buffer("item_popularity_feature", torch.zeros(config.num_items + 1))
         self.user_encoder = UserEncoder(config)
         self.reranker = CrossAttentionReranker(config)
         self.post_init()
@@ -219,14 +221,15 @@ class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedMod
         output_attentions: bool = False,
         rerank_cache: Optional[RerankCache] = None,
         older_item_indices: Optional[torch.Tensor] = None,
-        item_text_table: Optional[torch.Tensor] = None,
+        row_items: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Reranker scores of (B, C) candidates in one batched call; padding candidates (index 0) get -inf.
 
         `rerank_cache` (from `self.reranker.project_items(item_embeddings)`) holds the head's per-item
         projections, so a request only gathers them; `older_item_indices` is the history before the window.
-        `item_text_table` holds the raw text embeddings of the rows the indices point at (default: the
-        catalogue cache, whose rows are item indices); only `rerank_text_similarity` reads it.
+        `row_items` gives the item index of each row of `item_embeddings` the indices point at, when those rows
+        are a batch's own table (training) rather than the catalogue's (serving: row r is item r); the head's
+        per-item features (`rerank_text_similarity`, `rerank_popularity`) are looked up through it.
         """
         if user_embeddings is None:
             user_embeddings = self.encode_users(history_item_indices, item_embeddings, older_item_indices=older_item_indices)[:, -1]
@@ -242,18 +245,42 @@ class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedMod
             retrieval_scores,
             output_attentions=output_attentions,
             cache=rerank_cache,
-            text_similarity=self._text_similarity(candidate_item_indices, history_item_indices, item_text_table),
+            text_similarity=self._text_similarity(candidate_item_indices, history_item_indices, row_items),
+            popularity=self._popularity(candidate_item_indices, row_items),
         )
         return scores.masked_fill(candidate_item_indices == 0, float("-inf")), attentions
 
     def _text_similarity(
-        self, candidate_item_indices: torch.Tensor, history_item_indices: torch.Tensor, item_text_table: Optional[torch.Tensor]
+        self, candidate_item_indices: torch.Tensor, history_item_indices: torch.Tensor, row_items: Optional[torch.Tensor]
     ) -> Optional[torch.Tensor]:
         """The head's text-similarity features (`rerank_text_similarity`), or None when it does not read them."""
         if not self.config.rerank_text_similarity:
             return None
-        table = self.item_text_embeddings if item_text_table is None else item_text_table
+        table = self.item_text_embeddings if row_items is None else self.item_text_embeddings[row_items]
         return text_similarity_features(table[candidate_item_indices], table[history_item_indices], history_item_indices > 0)
+
+    def _popularity(self, candidate_item_indices: torch.Tensor, row_items: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The candidates' popularity feature (`rerank_popularity`), or None when the head does not read it."""
+        if not self.config.rerank_popularity:
+            return None
+        table = self.item_popularity_feature if row_items is None else self.item_popularity_feature[row_items]
+        return table[candidate_item_indices]
+
+    @torch.no_grad()
+    def set_item_popularity(self, training_counts: torch.Tensor) -> None:
+        """Store the head's popularity feature from each item's training interaction count (row 0 = padding).
+
+        log(1 + count) / log(1 + largest count): popular and unpopular items apart, on the [0, 1] scale of
+        the head's other inputs; an item added later reads 0, as an item nobody has chosen yet.
+        """
+        if not self.config.rerank_popularity:
+            return
+        counts = torch.as_tensor(training_counts, dtype=torch.float32, device=self.item_popularity_feature.device)
+        if counts.shape != self.item_popularity_feature.shape:
+            raise ValueError(f"training_counts has shape {tuple(counts.shape)}; expected {tuple(self.item_popularity_feature.shape)}.")
+        feature = torch.log1p(counts.clamp(min=0))
+        feature[0] = 0.0
+        self.item_popularity_feature.copy_(feature / feature.max().clamp(min=1e-12))
 
     def _touched_item_table(
         self, index_tensors: list[Optional[torch.Tensor]], text_inputs: Optional[dict[str, torch.Tensor]]
@@ -367,7 +394,7 @@ class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedMod
         scores, attentions = self.score_candidates(
             batch.history_rows, _table_rows(batch.touched_items, candidate_item_indices), batch.item_table, user_embeddings,
             output_attentions,
-            item_text_table=self.item_text_embeddings[batch.touched_items] if self.config.rerank_text_similarity else None,
+            row_items=batch.touched_items,
         )
         loss = None
         if candidate_labels is not None:

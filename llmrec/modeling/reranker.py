@@ -77,12 +77,13 @@ class CrossAttentionReranker(nn.Module):
         self.feed_forward = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(2 * hidden, hidden))
         self.feed_forward_norm = nn.LayerNorm(hidden)
         self.scorer = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
-        # The text-similarity features join the scorer's first layer through weights of their own that start
-        # at zero (no random draw): switching them on changes neither the towers' initialisation nor the
-        # random stream training reads, so stage 1 is the same run with or without them.
+        # The text-similarity and popularity features join the scorer's first layer through weights of their own
+        # that start at zero (no random draw): switching them on changes neither the towers' initialisation nor
+        # the random stream training reads, so stage 1 is the same run with or without them.
         self.text_similarity_weight = (
             nn.Parameter(torch.zeros(hidden, TEXT_SIMILARITY_FEATURES)) if config.rerank_text_similarity else None
         )
+        self.popularity_weight = nn.Parameter(torch.zeros(hidden, 1)) if config.rerank_popularity else None
         self.retrieval_weight = nn.Parameter(torch.ones(()))
 
     def project_items(self, item_embeddings: torch.Tensor) -> RerankCache:
@@ -107,10 +108,12 @@ class CrossAttentionReranker(nn.Module):
         output_attentions: bool = False,
         cache: Optional[RerankCache] = None,
         text_similarity: Optional[torch.Tensor] = None,
+        popularity: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Scores (B, C) of candidate item indices for left-padded histories (B, L); `cache` skips the projections.
 
-        `text_similarity` (B, C, TEXT_SIMILARITY_FEATURES) from `text_similarity_features`, when the head reads it.
+        `text_similarity` (B, C, TEXT_SIMILARITY_FEATURES) from `text_similarity_features` and `popularity` (B, C),
+        each when the head reads it.
         """
         length = history_item_indices.shape[1]
         recency = torch.arange(length - 1, -1, -1, device=history_item_indices.device).clamp(max=self.recency_embeddings.num_embeddings - 1)
@@ -137,5 +140,9 @@ class CrossAttentionReranker(nn.Module):
             if text_similarity is None:
                 raise ValueError("This head reads text-similarity features (rerank_text_similarity); pass text_similarity.")
             hidden = hidden + F.linear(text_similarity.to(hidden.dtype), self.text_similarity_weight)
+        if self.popularity_weight is not None:
+            if popularity is None:
+                raise ValueError("This head reads item popularity (rerank_popularity); pass popularity.")
+            hidden = hidden + F.linear(popularity.to(hidden.dtype).unsqueeze(-1), self.popularity_weight)
         scores = last(activation(hidden)).squeeze(-1) + self.retrieval_weight * retrieval_scores
         return scores, weights

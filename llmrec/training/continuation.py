@@ -185,8 +185,9 @@ def grow_for_split(
         model.item_text_embeddings[torch.tensor(changed)] = embed_item_texts(
             model, saved.tokenizer, texts, batch_size, precision=precision
         ).to(model.item_text_embeddings.dtype)
-    popularity = torch.as_tensor(split.item_popularity() > 0)
-    model.warm_items.copy_(model.warm_items | popularity.to(model.warm_items.device))
+    popularity = torch.as_tensor(split.item_popularity())
+    model.warm_items.copy_(model.warm_items | (popularity > 0).to(model.warm_items.device))
+    model.set_item_popularity(popularity)  # the counts of the data it continues on
     for name in RUNTIME_MODEL_SETTINGS:
         setattr(model.config, name, getattr(config.model, name))
     model.config.num_candidates = config.retrieval.num_candidates

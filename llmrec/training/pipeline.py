@@ -227,6 +227,7 @@ def _new_model(
         exclude_history=config.retrieval.exclude_history, **model_settings
     ).to(accelerator.device)
     model.warm_items.copy_(torch.as_tensor(split.item_popularity() > 0))
+    model.set_item_popularity(torch.as_tensor(split.item_popularity()))
     tokenized_items = tokenize_catalogue(tokenizer, split.item_texts, config.model.max_text_length)
     encode_catalogue(
         model, tokenized_items, config.training.encode_batch_size, show_progress=accelerator.is_local_main_process,
