@@ -177,7 +177,7 @@ def _learned_system(name: str, system_overrides: dict, base_overrides: dict, spl
     entry["valid_warm"] = {stage: run_results["valid"][stage] for stage in ("retrieval", "rerank")}
     entry["best_valid_epochs"] = run_results["best_valid_epochs"]
     entry["diagnostics"] = _cold_bias_diagnostics(recommender, split)
-    if model_overrides.get("use_id_embeddings", True):
+    if name.startswith("hybrid"):  # what the default model can trade between new and warm items
         entry["frontier"] = frontier(recommender, split)
     entry["seconds"] = round(time.perf_counter() - system_start, 1)
     return entry
