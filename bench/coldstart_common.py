@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 SYSTEMS = {  # model overrides of each learned system
-    "ID-only": {"use_text_embeddings": False, "use_id_embeddings": True},
+    # No item text, so no text-similarity feature for the head either (the shipped configs switch it on).
+    "ID-only": {"use_text_embeddings": False, "use_id_embeddings": True, "rerank_text_similarity": False},
     "text-only": {"use_text_embeddings": True, "use_id_embeddings": False},
     "hybrid": {"use_text_embeddings": True, "use_id_embeddings": True},
 }

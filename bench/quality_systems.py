@@ -6,7 +6,8 @@ import dataclasses
 
 
 LEARNED_SYSTEMS = {  # system -> finetune.py overrides; retrieval-only systems never train the head
-    "id-only": ["--model.use_text_embeddings", "false", "--training.rerank_epochs", "0"],
+    "id-only": ["--model.use_text_embeddings", "false", "--model.rerank_text_similarity", "false",
+                "--training.rerank_epochs", "0"],
     "text-only": ["--model.use_id_embeddings", "false", "--training.rerank_epochs", "0"],
     "hybrid": [],
     # The hybrid's stage 1 alone: where stage 2 does not fit the time budget (amazon-beauty on 2 cores).
