@@ -61,7 +61,8 @@ def render(results: dict) -> str:
     reference = results["timings"]["warm only"]["p50_ms"]
     for name, timing in results["timings"].items():
         ratio = timing["p50_ms"] / reference
-        verdict = "" if name == "warm only" else ("met" if ratio <= TARGET_RATIO else "missed")
+        # The target is the plain call; holding slots for new items is a second ranking, reported beside it.
+        verdict = ("met" if ratio <= TARGET_RATIO else "missed") if name == "after add_items" else ""
         lines.append(table_row([name, f"{timing['p50_ms']:.2f}", f"{timing['p99_ms']:.2f}", f"{ratio:.3f}x", verdict]))
     return "\n".join(lines) + "\n"
 

@@ -54,7 +54,6 @@ from llmrec.evaluation import (
 from llmrec.finetune import run_finetune
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLE_START, TABLE_END = "<!-- coldstart-table:start -->", "<!-- coldstart-table:end -->"
 
 logger = logging.getLogger("bench.coldstart")
 
@@ -76,6 +75,8 @@ def main() -> None:
                         help="Override model.id_residual_max_ratio of the hybrid (ID part bounded by the text part).")
     parser.add_argument("--seed", type=int, default=None, help="Override training.seed (the newest-items split does not depend on it).")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    parser.add_argument("--append", action="store_true",
+                        help="Add this run's systems to those already in --output (same split), e.g. one system per process.")
     parser.add_argument("--ablation", action="store_true",
                         help="Also train the hybrid with items unseen in training kept in the softmax as negatives.")
     parser.add_argument("--cold-user-fraction", type=float, default=0.1)
@@ -129,10 +130,20 @@ def run_cold_items(args: argparse.Namespace) -> None:
         "command": _cold_items_command(args),
     }
     output = Path(args.output)
+    if args.append and output.is_file():
+        results = _appended(json.loads(output.read_text()), results)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
-    _write_table(Path(args.readme), results)
+    _write_table(Path(args.readme), output.stem, results)
     print(render_table(results))
+
+
+def _appended(earlier: dict, results: dict) -> dict:
+    """`earlier`'s systems followed by this run's (which replace any of the same name), and both runs recorded."""
+    if earlier.get("protocol") != results["protocol"]:
+        raise SystemExit(f"--append: the split differs from the one in the output file ({earlier.get('protocol')}).")
+    runs = earlier.get("runs", [earlier["run"]] if "run" in earlier else [])
+    return {**results, "systems": {**earlier["systems"], **results["systems"]}, "runs": [*runs, results["run"]]}
 
 
 def _references(data, split) -> dict:
@@ -185,7 +196,9 @@ def _learned_system(name: str, system_overrides: dict, base_overrides: dict, spl
 
 def _cold_items_command(args: argparse.Namespace) -> str:
     """The command line that repeats this run, as the README quotes it."""
-    return "python bench/coldstart.py " + " ".join(
+    config = Path(args.config).resolve()
+    config = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
+    return f"python bench/coldstart.py --config {config} --systems {' '.join(args.systems)} " + " ".join(
         f"--{key.replace('_', '-')} {value}" for key, value in [
             ("retrieval_epochs", args.retrieval_epochs), ("rerank_epochs", args.rerank_epochs),
             ("cold_item_fraction", args.cold_item_fraction), ("cold_item_selection", args.cold_item_selection)]
@@ -276,10 +289,14 @@ def render_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def _write_table(readme: Path, results: dict) -> None:
-    """Replace the table between the markers (the rest of the README is written by hand)."""
-    _replace_block(readme, TABLE_START, TABLE_END, f"{render_table(results)}\n\n{results['run']['machine']}; wall time "
-                   f"{results['run']['wall_seconds'] / 60:.1f} min; `{results['run']['command']}`.")
+def _write_table(readme: Path, stem: str, results: dict) -> None:
+    """Replace the table between the markers named after the results file (coldstart_newest.json:
+    coldstart-newest-table), so each split's table has its own place; the rest of the README is by hand."""
+    name = stem.replace("_", "-")
+    runs = results.get("runs", [results["run"]])
+    lines = "; ".join(f"wall time {run['wall_seconds'] / 60:.1f} min, `{run['command']}`" for run in runs)
+    _replace_block(readme, f"<!-- {name}-table:start -->", f"<!-- {name}-table:end -->",
+                   f"{render_table(results)}\n\n{results['run']['machine']}; {lines}.")
 
 
 
