@@ -1,6 +1,7 @@
-"""Changing a trained model in place: more items (`add_items`) and a user-profile path (`enable_user_profiles`).
+"""Changing a model's catalogue tables in place: more items (`add_items`), the head's popularity feature
+(`set_item_popularity`) and a user-profile path (`enable_user_profiles`).
 
-Both keep everything already learned, so a served model can grow without retraining.
+They keep everything already learned, so a served model can grow without retraining.
 """
 
 from __future__ import annotations
@@ -37,6 +38,22 @@ class CatalogueEditingMixin:
             grown.weight.requires_grad_(old.requires_grad)
             self.item_id_embeddings = grown
         self.config.num_items += count
+
+    @torch.no_grad()
+    def set_item_popularity(self, training_counts: torch.Tensor) -> None:
+        """Store the head's popularity feature from each item's training interaction count (row 0 = padding).
+
+        log(1 + count) / log(1 + largest count): popular and unpopular items apart, on the [0, 1] scale of
+        the head's other inputs; an item added later reads 0, as an item nobody has chosen yet.
+        """
+        if not self.config.rerank_popularity:
+            return
+        counts = torch.as_tensor(training_counts, dtype=torch.float32, device=self.item_popularity_feature.device)
+        if counts.shape != self.item_popularity_feature.shape:
+            raise ValueError(f"training_counts has shape {tuple(counts.shape)}; expected {tuple(self.item_popularity_feature.shape)}.")
+        feature = torch.log1p(counts.clamp(min=0))
+        feature[0] = 0.0
+        self.item_popularity_feature.copy_(feature / feature.max().clamp(min=1e-12))
 
     def enable_user_profiles(self) -> None:
         """Add the profile path to a model built without it (e.g. one already trained).

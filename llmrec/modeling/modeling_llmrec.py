@@ -266,22 +266,6 @@ class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedMod
         table = self.item_popularity_feature if row_items is None else self.item_popularity_feature[row_items]
         return table[candidate_item_indices]
 
-    @torch.no_grad()
-    def set_item_popularity(self, training_counts: torch.Tensor) -> None:
-        """Store the head's popularity feature from each item's training interaction count (row 0 = padding).
-
-        log(1 + count) / log(1 + largest count): popular and unpopular items apart, on the [0, 1] scale of
-        the head's other inputs; an item added later reads 0, as an item nobody has chosen yet.
-        """
-        if not self.config.rerank_popularity:
-            return
-        counts = torch.as_tensor(training_counts, dtype=torch.float32, device=self.item_popularity_feature.device)
-        if counts.shape != self.item_popularity_feature.shape:
-            raise ValueError(f"training_counts has shape {tuple(counts.shape)}; expected {tuple(self.item_popularity_feature.shape)}.")
-        feature = torch.log1p(counts.clamp(min=0))
-        feature[0] = 0.0
-        self.item_popularity_feature.copy_(feature / feature.max().clamp(min=1e-12))
-
     def _touched_item_table(
         self, index_tensors: list[Optional[torch.Tensor]], text_inputs: Optional[dict[str, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
