@@ -205,7 +205,7 @@ def _cold_items_command(args: argparse.Namespace) -> str:
     ) + (f" --id-dropout {args.id_dropout}" if args.id_dropout is not None else "") \
       + (f" --id-residual-max-ratio {args.id_residual_max_ratio}" if args.id_residual_max_ratio is not None else "") \
       + (f" --seed {args.seed}" if args.seed is not None else "") \
-      + (" --ablation" if args.ablation else "")
+      + (" --ablation" if args.ablation else "") + (" --append" if args.append else "")
 
 
 def _protocol(split, config) -> dict:
