@@ -3,114 +3,96 @@
 from __future__ import annotations
 
 import codecs
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import ConfigError
 from .checks import check_choice
+from .fields import setting
 
 
 @dataclass
 class DataConfig:
-    format: str = field(
-        default="auto",
-        metadata={"help": "recbole | movielens | csv | tsv | jsonl | parquet | sequences (one line per user: user id, "
-                  "then item ids oldest first, as SASRec/BERT4Rec publish) | auto (guess from path)."},
+    format: str = setting(
+        "auto", "recbole | movielens | csv | tsv | jsonl | parquet | sequences (one line per user: user id, "
+                "then item ids oldest first, as SASRec/BERT4Rec publish) | auto (guess from path).",
     )
-    path: Optional[str] = field(
-        default=None,
-        metadata={"help": "Data folder or file (relative paths resolve against the current directory). "
-                  "None = MovieLens-100k shipped in the RecBole wheel."},
+    path: Optional[str] = setting(
+        None, "Data folder or file (relative paths resolve against the current directory). "
+              "None = MovieLens-100k shipped in the RecBole wheel.",
     )
-    dataset_name: str = field(default="ml-100k", metadata={"help": "RecBole atomic-file prefix."})
-    interactions_file: Optional[str] = field(
-        default=None, metadata={"help": "Interactions file for csv/tsv/jsonl/parquet data, or the sequence file "
-                                "(default sequences.txt in data.path)."}
+    dataset_name: str = setting("ml-100k", "RecBole atomic-file prefix.")
+    interactions_file: Optional[str] = setting(
+        None, "Interactions file for csv/tsv/jsonl/parquet data, or the sequence file "
+              "(default sequences.txt in data.path).",
     )
-    items_file: Optional[str] = field(
-        default=None, metadata={"help": "Item metadata file (csv/tsv/jsonl/parquet). Sequence data: optional, default "
-                                "items.tsv/.csv/.jsonl/.parquet beside the sequence file; without one, texts are the ids."}
+    items_file: Optional[str] = setting(
+        None, "Item metadata file (csv/tsv/jsonl/parquet). Sequence data: optional, default "
+              "items.tsv/.csv/.jsonl/.parquet beside the sequence file; without one, texts are the ids.",
     )
-    user_column: str = field(default="user_id", metadata={"help": "Column of the user id (csv/tsv/jsonl/parquet)."})
-    item_column: str = field(default="item_id", metadata={"help": "Column of the item id, in interactions and items files."})
-    timestamp_column: Optional[str] = field(
-        default="timestamp",
-        metadata={"help": "Column ordering each user's interactions; null = file order (positions stand in for time)."},
+    user_column: str = setting("user_id", "Column of the user id (csv/tsv/jsonl/parquet).")
+    item_column: str = setting("item_id", "Column of the item id, in interactions and items files.")
+    timestamp_column: Optional[str] = setting(
+        "timestamp", "Column ordering each user's interactions; null = file order (positions stand in for time).",
     )
-    rating_column: Optional[str] = field(
-        default="rating", metadata={"help": "Column of explicit ratings, read by data.rating_threshold; null = none."}
+    rating_column: Optional[str] = setting(
+        "rating", "Column of explicit ratings, read by data.rating_threshold; null = none.",
     )
-    item_text_template: str = field(
-        default="{movie_title} ({release_year}). Genres: {class}",
-        metadata={"help": "Python format string over item-file columns that renders each item's text."},
+    item_text_template: str = setting(
+        "{movie_title} ({release_year}). Genres: {class}",
+        "Python format string over item-file columns that renders each item's text.",
     )
-    unescape_html: bool = field(
-        default=True,
-        metadata={"help": "Turn HTML character references in item texts (&amp; &quot; &#9733;, as in scraped Amazon "
-                  "titles) into the characters they stand for; only complete references ending in ';' change."},
+    unescape_html: bool = setting(
+        True, "Turn HTML character references in item texts (&amp; &quot; &#9733;, as in "
+              "scraped Amazon titles) into the characters they stand for; only complete "
+              "references ending in ';' change.",
     )
-    item_value_separator: Optional[str] = field(
-        default=None,
-        metadata={"help": "Separator inside multi-valued item fields, e.g. '|' in ML-1M's Action|Adventure, written "
-                  "as ', ' in item texts; None = values as they are."},
+    item_value_separator: Optional[str] = setting(
+        None, "Separator inside multi-valued item fields, e.g. '|' in ML-1M's Action|Adventure, written "
+              "as ', ' in item texts; None = values as they are.",
     )
-    users_file: Optional[str] = field(
-        default=None,
-        metadata={"help": "User attributes (csv/tsv/jsonl/parquet; a *.user file is read as RecBole's, u.user as "
-                  "MovieLens') rendered into profile texts, one row per user keyed by user_column. None = the "
-                  "data set's own file if it has one (RecBole {dataset_name}.user, MovieLens u.user)."},
+    users_file: Optional[str] = setting(
+        None, "User attributes (csv/tsv/jsonl/parquet; a *.user file is read as RecBole's, u.user as "
+              "MovieLens') rendered into profile texts, one row per user keyed by user_column. None = the "
+              "data set's own file if it has one (RecBole {dataset_name}.user, MovieLens u.user).",
     )
-    user_profile_template: str = field(
-        default="{age}-year-old {gender} {occupation}",
-        metadata={"help": "Python format string over users-file columns that renders each user's profile text; "
-                  "M/F in a 'gender' or 'sex' column read 'male'/'female'."},
+    user_profile_template: str = setting(
+        "{age}-year-old {gender} {occupation}",
+        "Python format string over users-file columns that renders each user's profile text; "
+        "M/F in a 'gender' or 'sex' column read 'male'/'female'.",
     )
-    rating_threshold: Optional[float] = field(
-        default=None,
-        metadata={"help": "Keep only interactions rated >= this; None = every interaction is implicit feedback."},
+    rating_threshold: Optional[float] = setting(
+        None, "Keep only interactions rated >= this; None = every interaction is implicit feedback.",
     )
-    split: str = field(
-        default="leave_one_out",
-        metadata={"help": "leave_one_out | temporal | cold_items (held-out items, see cold_item_*) | "
-                  "cold_users (held-out users, see cold_user_*)."},
+    split: str = setting(
+        "leave_one_out", "leave_one_out | temporal | cold_items (held-out items, see cold_item_*) | "
+                         "cold_users (held-out users, see cold_user_*).",
     )
-    seed: int = field(
-        default=42,
-        metadata={"help": "Seed of the random cold_items / cold_users choice; apart from training.seed so that "
-                  "training seeds can vary over one fixed split."},
+    seed: int = setting(
+        42, "Seed of the random cold_items / cold_users choice; apart from training.seed so that "
+            "training seeds can vary over one fixed split.",
     )
-    cold_item_fraction: float = field(
-        default=0.15, metadata={"help": "cold_items split: share of the interacted items held out of training."}
+    cold_item_fraction: float = setting(0.15, "cold_items split: share of the interacted items held out of training.")
+    cold_item_selection: str = setting("random", "cold_items split: random (seeded) | newest (by first interaction).")
+    cold_user_fraction: float = setting(0.1, "cold_users split: share of the users held out of training.")
+    cold_user_history_length: int = setting(
+        3, "cold_users split: items a cold user's history shows (0 = profile only).",
     )
-    cold_item_selection: str = field(
-        default="random", metadata={"help": "cold_items split: random (seeded) | newest (by first interaction)."}
+    temporal_valid_fraction: float = setting(
+        0.1, "temporal split: share of interactions (by time) in the valid window.",
     )
-    cold_user_fraction: float = field(
-        default=0.1, metadata={"help": "cold_users split: share of the users held out of training."}
+    temporal_test_fraction: float = setting(0.1, "temporal split: share of interactions (by time) in the test window.")
+    delimiter: Optional[str] = setting(
+        None, "Field separator of csv/tsv/txt files, e.g. ';' or '|' ('\\t' or 'tab' = tab); "
+              "None = ',' for csv, tab for tsv. RecBole and MovieLens files keep their own.",
     )
-    cold_user_history_length: int = field(
-        default=3, metadata={"help": "cold_users split: items a cold user's history shows (0 = profile only)."}
+    encoding: str = setting(
+        "utf-8", "Text encoding of csv/tsv/jsonl and RecBole files, e.g. latin-1 or cp1252. "
+                 "MovieLens folders are read as UTF-8 with a latin-1 fallback (the official files are latin-1).",
     )
-    temporal_valid_fraction: float = field(
-        default=0.1, metadata={"help": "temporal split: share of interactions (by time) in the valid window."}
-    )
-    temporal_test_fraction: float = field(
-        default=0.1, metadata={"help": "temporal split: share of interactions (by time) in the test window."}
-    )
-    delimiter: Optional[str] = field(
-        default=None,
-        metadata={"help": "Field separator of csv/tsv/txt files, e.g. ';' or '|' ('\\t' or 'tab' = tab); "
-                  "None = ',' for csv, tab for tsv. RecBole and MovieLens files keep their own."},
-    )
-    encoding: str = field(
-        default="utf-8",
-        metadata={"help": "Text encoding of csv/tsv/jsonl and RecBole files, e.g. latin-1 or cp1252. "
-                  "MovieLens folders are read as UTF-8 with a latin-1 fallback (the official files are latin-1)."},
-    )
-    max_item_text_chars: int = field(
-        default=2000,
-        metadata={"help": "Rendered item texts longer than this are cut (with a warning); the tokenizer keeps only "
-                  "model.max_text_length tokens anyway, and this bounds memory for huge descriptions."},
+    max_item_text_chars: int = setting(
+        2000, "Rendered item texts longer than this are cut (with a warning); the tokenizer keeps only "
+              "model.max_text_length tokens anyway, and this bounds memory for huge descriptions.",
     )
 
     def validate(self) -> None:

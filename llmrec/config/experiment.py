@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import ConfigError
 from .checks import check_seed, unwrap_optional
 from .data import DataConfig
+from .fields import RESUMABLE, setting
 from .model import LoraSettings, ModelSettings
 from .retrieval import EvaluationSettings, RetrievalSettings
 from .training import TrainingSettings
@@ -17,21 +18,20 @@ from .training import TrainingSettings
 
 @dataclass
 class ExperimentConfig:
-    output_dir: str = field(
-        default="runs/llmrec",
-        metadata={"help": "Folder of the run: checkpoints, the trained model, eval_results.json.", "resumable": True},
+    output_dir: str = setting(
+        "runs/llmrec", "Folder of the run: checkpoints, the trained model, eval_results.json.", resumable=True,
     )
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "What to read and how to split it."})
-    model: ModelSettings = field(default_factory=ModelSettings, metadata={"help": "Towers and reranking head."})
-    lora: Optional[LoraSettings] = field(
-        default=None, metadata={"help": "Set to fine-tune the encoder with PEFT LoRA; absent = frozen encoder."}
+    data: DataConfig = setting(default_factory=DataConfig, help="What to read and how to split it.")
+    model: ModelSettings = setting(default_factory=ModelSettings, help="Towers and reranking head.")
+    lora: Optional[LoraSettings] = setting(
+        None, "Set to fine-tune the encoder with PEFT LoRA; absent = frozen encoder.",
     )
-    training: TrainingSettings = field(default_factory=TrainingSettings, metadata={"help": "Both training stages."})
-    retrieval: RetrievalSettings = field(
-        default_factory=RetrievalSettings, metadata={"help": "FAISS candidates and the index that finds them."}
+    training: TrainingSettings = setting(default_factory=TrainingSettings, help="Both training stages.")
+    retrieval: RetrievalSettings = setting(
+        default_factory=RetrievalSettings, help="FAISS candidates and the index that finds them.",
     )
-    evaluation: EvaluationSettings = field(
-        default_factory=EvaluationSettings, metadata={"help": "Metrics on the valid and test users."}
+    evaluation: EvaluationSettings = setting(
+        default_factory=EvaluationSettings, help="Metrics on the valid and test users.",
     )
 
     def validate(self) -> "ExperimentConfig":
@@ -60,11 +60,11 @@ def resumable_settings(cls: type = ExperimentConfig, prefix: str = "") -> frozen
     """
     names: set[str] = set()
     annotations = typing.get_type_hints(cls)
-    for setting in dataclasses.fields(cls):
-        section, _ = unwrap_optional(annotations[setting.name])
+    for spec in dataclasses.fields(cls):
+        section, _ = unwrap_optional(annotations[spec.name])
         if dataclasses.is_dataclass(section):
-            names |= resumable_settings(section, f"{prefix}{setting.name}.")
-        elif setting.metadata.get("resumable", False):
-            names.add(prefix + setting.name)
+            names |= resumable_settings(section, f"{prefix}{spec.name}.")
+        elif spec.metadata.get(RESUMABLE, False):
+            names.add(prefix + spec.name)
     return frozenset(names)
 

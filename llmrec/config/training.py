@@ -2,101 +2,82 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import ConfigError
 from .checks import check_choice, check_seed
+from .fields import setting
 
 
 @dataclass
 class TrainingSettings:
-    seed: int = field(default=42, metadata={"help": "Seed of initialisation, batch order, dropout and sampling."})
-    cpu_threads: Optional[int] = field(
-        default=None,
-        metadata={"help": "PyTorch CPU threads per process; None = CPU cores / local processes "
-                  "(accelerate launch would otherwise pin 1).", "resumable": True},
+    seed: int = setting(42, "Seed of initialisation, batch order, dropout and sampling.")
+    cpu_threads: Optional[int] = setting(
+        None, "PyTorch CPU threads per process; None = CPU cores / local processes "
+              "(accelerate launch would otherwise pin 1).", resumable=True,
     )
-    mixed_precision: str = field(
-        default="no",
-        metadata={"help": "no | bf16 | fp16, passed to Accelerate (autocast in training); bf16 also encodes the "
-                  "catalogue under bf16 autocast. bf16 suits GPUs and CPUs with AVX512-BF16/AMX."},
+    mixed_precision: str = setting(
+        "no", "no | bf16 | fp16, passed to Accelerate (autocast in training); bf16 also encodes the "
+              "catalogue under bf16 autocast. bf16 suits GPUs and CPUs with AVX512-BF16/AMX.",
     )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Recompute activations of the user encoder (and of a LoRA-tuned BERT) in the backward "
-                  "pass: less memory for longer histories or bigger batches, ~30 % more compute."},
+    gradient_checkpointing: bool = setting(
+        False, "Recompute activations of the user encoder (and of a LoRA-tuned BERT) in the backward "
+               "pass: less memory for longer histories or bigger batches, ~30 % more compute.",
     )
-    init_from: Optional[str] = field(
-        default=None,
-        metadata={"help": "Continue training this saved llmrec model folder (an earlier run's output_dir) on the "
-                  "configured data instead of starting from the bare encoder: its items keep their ids and vectors, "
-                  "items new in the data get text vectors and new ID rows, new users need nothing. model.* must "
-                  "match the folder's (id_dropout, exclude_unseen_items_from_loss and similarity_temperature may "
-                  "change). finetune.py --init_from FOLDER sets it. None = a new model."},
+    init_from: Optional[str] = setting(
+        None, "Continue training this saved llmrec model folder (an earlier run's output_dir) on the "
+              "configured data instead of starting from the bare encoder: its items keep their ids and vectors, "
+              "items new in the data get text vectors and new ID rows, new users need nothing. model.* must "
+              "match the folder's (id_dropout, exclude_unseen_items_from_loss and similarity_temperature may "
+              "change). finetune.py --init_from FOLDER sets it. None = a new model.",
     )
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Batches whose gradients are summed before each optimiser step (Accelerate)."}
+    gradient_accumulation_steps: int = setting(
+        1, "Batches whose gradients are summed before each optimiser step (Accelerate).",
     )
-    checkpoint_every_steps: int = field(
-        default=0, metadata={"help": "Save Accelerate state every N steps; 0 = off.", "resumable": True}
-    )
-    eval_every_epochs: int = field(
-        default=1, metadata={"help": "Epochs between validation passes (early stopping counts these passes)."}
-    )
-    early_stopping_patience: int = field(
-        default=5, metadata={"help": "Evaluations without a better valid NDCG@10 before stopping."}
-    )
-    group_by_length: bool = field(
-        default=False,
-        metadata={"help": "Batch training examples of similar history length together (transformers' length "
-                  "grouping), each batch padded to its own longest, so short histories cost what they hold. "
-                  "Pays on short-history data (Amazon Beauty); on MovieLens-100k it cost ~0.01 test NDCG@10 "
-                  "(batches of one length skew the updates), so it is off by default. Off, every batch is still "
-                  "padded only to its longest history."},
+    checkpoint_every_steps: int = setting(0, "Save Accelerate state every N steps; 0 = off.", resumable=True)
+    eval_every_epochs: int = setting(1, "Epochs between validation passes (early stopping counts these passes).")
+    early_stopping_patience: int = setting(5, "Evaluations without a better valid NDCG@10 before stopping.")
+    group_by_length: bool = setting(
+        False, "Batch training examples of similar history length together (transformers' length "
+               "grouping), each batch padded to its own longest, so short histories cost what they hold. "
+               "Pays on short-history data (Amazon Beauty); on MovieLens-100k it cost ~0.01 test NDCG@10 "
+               "(batches of one length skew the updates), so it is off by default. Off, every batch is still "
+               "padded only to its longest history.",
     )
     # Stage 1: user and item towers.
-    retrieval_epochs: int = field(default=60, metadata={"help": "Most stage-1 epochs (early stopping may end sooner)."})
-    retrieval_batch_size: int = field(default=64, metadata={"help": "Users' histories per stage-1 batch."})
-    retrieval_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of stage 1."})
-    loss: str = field(
-        default="auto",
-        metadata={"help": "full_softmax | sampled_softmax | auto (full when the encoder is frozen and the logits fit)."},
+    loss: str = setting(
+        "auto", "full_softmax | sampled_softmax | auto (full when the encoder is frozen and the logits fit).",
     )
-    num_sampled_negatives: int = field(default=1024, metadata={"help": "Negatives for sampled_softmax."})
-    sparse_id_gradients: Optional[bool] = field(
-        default=None,
-        metadata={"help": "Sparse gradients for the item ID table under sampled_softmax, updated by SparseAdam (lazy "
-                  "Adam: rows a step does not touch are not moved), so a step costs the same at 1M items as at "
-                  "100k; AdamW over the dense table touches every row every step. None = on for sampled_softmax "
-                  "with >= 100k items in one process (gloo DDP handles sparse gradients, NCCL does not)."},
+    retrieval_epochs: int = setting(60, "Most stage-1 epochs (early stopping may end sooner).")
+    retrieval_batch_size: int = setting(64, "Users' histories per stage-1 batch.")
+    retrieval_learning_rate: float = setting(1e-3, "AdamW learning rate of stage 1.")
+    num_sampled_negatives: int = setting(1024, "Negatives for sampled_softmax.")
+    sparse_id_gradients: Optional[bool] = setting(
+        None, "Sparse gradients for the item ID table under sampled_softmax, updated by SparseAdam (lazy "
+              "Adam: rows a step does not touch are not moved), so a step costs the same at 1M items as at "
+              "100k; AdamW over the dense table touches every row every step. None = on for sampled_softmax "
+              "with >= 100k items in one process (gloo DDP handles sparse gradients, NCCL does not).",
     )
     # Stage 2: reranking head.
-    rerank_epochs: int = field(default=20, metadata={"help": "Most stage-2 epochs; 0 = no head (retrieval order)."})
-    rerank_batch_size: int = field(default=64, metadata={"help": "Candidate lists per stage-2 batch."})
-    rerank_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of stage 2."})
-    rerank_positions_per_user: int = field(
-        default=8, metadata={"help": "Most recent training positions per user that become rerank examples."}
+    rerank_epochs: int = setting(20, "Most stage-2 epochs; 0 = no head (retrieval order).")
+    rerank_batch_size: int = setting(64, "Candidate lists per stage-2 batch.")
+    rerank_learning_rate: float = setting(1e-3, "AdamW learning rate of stage 2.")
+    rerank_positions_per_user: int = setting(8, "Most recent training positions per user that become rerank examples.")
+    rerank_holdout: bool = setting(
+        False, "Hold each user's last rerank_positions_per_user training positions out of stage 1 (every "
+               "user keeps its first) and train stage 2 on exactly those, so the head learns on candidate lists "
+               "like serving's (from targets the towers did not fit) at the price of those stage-1 targets.",
     )
-    rerank_holdout: bool = field(
-        default=False,
-        metadata={"help": "Hold each user's last rerank_positions_per_user training positions out of stage 1 (every "
-                  "user keeps its first) and train stage 2 on exactly those, so the head learns on candidate lists "
-                  "like serving's (from targets the towers did not fit) at the price of those stage-1 targets."},
+    # User profiles (model.use_user_profiles): a third stage after the head, towers and head frozen.
+    profile_epochs: int = setting(20, "Most epochs of the profile fit (early stopping on valid may end sooner).")
+    profile_learning_rate: float = setting(1e-2, "AdamW learning rate of the profile fit.")
+    weight_decay: float = setting(0.0, "AdamW weight decay of every stage.")
+    report_to: str = setting(
+        "none", "none | tensorboard | wandb | mlflow | trackio: Accelerate's tracker that receives the config "
+                "and each epoch's loss and validation metrics (TensorBoard writes to output_dir/logs).", resumable=True,
     )
-    # User profiles (model.use_user_profiles): fitted after both stages, towers and head frozen.
-    profile_epochs: int = field(default=20, metadata={"help": "Epochs fitting the profile projection."})
-    profile_learning_rate: float = field(default=1e-2, metadata={"help": "AdamW learning rate of the profile fit."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of every stage."})
-    report_to: str = field(
-        default="none",
-        metadata={"help": "none | tensorboard | wandb | mlflow | trackio: Accelerate's tracker that receives the config "
-                  "and each epoch's loss and validation metrics (TensorBoard writes to output_dir/logs).",
-                  "resumable": True},
-    )
-    encode_batch_size: int = field(
-        default=256, metadata={"help": "Item texts per encoder forward when encoding the catalogue.", "resumable": True}
-    )
+    encode_batch_size: int = setting(256, "Item texts per encoder forward when encoding the catalogue.", resumable=True)
 
     def validate(self) -> None:
         check_seed("training.seed", self.seed)
