@@ -13,12 +13,14 @@ from .version import __version__
 
 _LAZY_ATTRIBUTES = {
     "LlmRecConfig": ".modeling",
+    "LlmRecForReranking": ".modeling",
+    "LlmRecForRetrieval": ".modeling",
     "LlmRecModel": ".modeling",
     "Recommender": ".recommender",
 }
 
 if TYPE_CHECKING:
-    from .modeling import LlmRecConfig, LlmRecModel
+    from .modeling import LlmRecConfig, LlmRecForReranking, LlmRecForRetrieval, LlmRecModel
     from .recommender import Recommender
 
 
@@ -34,6 +36,8 @@ __all__ = [
     "ExperimentConfig",
     "LlmRecConfig",
     "LlmRecError",
+    "LlmRecForReranking",
+    "LlmRecForRetrieval",
     "LlmRecModel",
     "ModelFolderError",
     "Recommender",

@@ -8,7 +8,10 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from llmrec.modeling import LlmRecConfig, LlmRecModel, pad_histories, split_histories
+from llmrec.modeling import (
+    LlmRecConfig, LlmRecForReranking, LlmRecForRetrieval, LlmRecModel, pad_histories, split_histories,
+)
+from llmrec.modeling.task_models import encode_texts_by_length
 from llmrec.modeling.precision import autocast, check_precision, check_quantize, quantize_int8
 from llmrec.modeling.text_encoding import embed_tokenized_items
 from llmrec.retrieval import CandidatePipeline, build_item_index
@@ -126,8 +129,9 @@ def test_training_steps_that_touch_few_items_give_the_full_table_losses():
         states = model.encode_users(window, table, older_item_indices=older)
         expected_sampled = model._retrieval_loss(states, table[sampled], targets, sampled, log_q)
         expected_scores, _ = model.score_candidates(window, candidates, table, older_item_indices=older)
-        sampled_loss = model(window, targets, sampled, log_q, older_item_indices=older).loss
-        rerank = model(window, candidate_item_indices=candidates, candidate_labels=labels, older_item_indices=older)
+        sampled_softmax = LlmRecForRetrieval(model, loss="sampled_softmax")
+        sampled_loss = sampled_softmax(window, targets, sampled, log_q, older_item_indices=older).loss
+        rerank = LlmRecForReranking(model)(window, candidates, candidate_labels=labels, older_item_indices=older)
     torch.testing.assert_close(sampled_loss, expected_sampled, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rerank.logits, expected_scores, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rerank.loss, torch.nn.functional.cross_entropy(expected_scores, labels), atol=1e-5, rtol=1e-5)
@@ -205,7 +209,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             assert model.user_encoder.gradient_checkpointing
-        loss = model(histories, target_item_indices=targets).loss
+        loss = LlmRecForRetrieval(model)(histories, target_item_indices=targets).loss
         loss.backward()
         results.append((loss.detach(), model.user_encoder.blocks[0].attention.query.weight.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0])
@@ -302,7 +306,7 @@ def test_length_chunked_text_encoding_equals_one_padded_batch(model):
         attention_mask[row, length:] = 0
     with torch.no_grad():
         together = model.encode_item_texts(input_ids, attention_mask)
-        chunked = model._encode_texts_by_length(input_ids, attention_mask, chunk_size=4)
+        chunked = encode_texts_by_length(model, input_ids, attention_mask, chunk_size=4)
     torch.testing.assert_close(chunked, together, atol=1e-5, rtol=1e-5)
 
 

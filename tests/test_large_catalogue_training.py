@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, BertConfig
 
 from llmrec.config import load_config
 from llmrec.data import EvaluationExamples, SequentialSplit
-from llmrec.modeling import IGNORE_INDEX, LlmRecConfig, LlmRecModel
+from llmrec.modeling import IGNORE_INDEX, LlmRecConfig, LlmRecForRetrieval, LlmRecModel
 from llmrec.modeling.text_encoding import (
     embed_tokenized_items, load_tokenized_items, tokenize_item_texts, tokenize_item_texts_to_disk,
 )
@@ -77,7 +77,7 @@ def test_sampled_softmax_step_touches_only_the_batch_items():
     original = model.item_embeddings
     model.item_embeddings = lambda *args, **kwargs: projected.append(original(*args, **kwargs)) or projected[-1]
     with LargestTensor() as spy:
-        loss = model(**batch).loss
+        loss = LlmRecForRetrieval(model, loss="sampled_softmax")(**batch).loss
         loss.backward()
     assert torch.isfinite(loss)
     assert [len(table) for table in projected] == [len(touched) + 1 - int(bool((touched == 0).any()))]
@@ -91,7 +91,7 @@ def test_dense_id_gradients_are_caught_by_the_spy():
     """The check above can fail: a dense ID-table gradient has a row per catalogue item."""
     model = tiny_model().train()
     with LargestTensor() as spy:
-        model(**sampled_batch()).loss.backward()
+        LlmRecForRetrieval(model, loss="sampled_softmax")(**sampled_batch()).loss.backward()
     assert spy.largest >= NUM_ITEMS + 1
 
 
@@ -118,7 +118,8 @@ def test_losses_equal_the_catalogue_wide_formulation(sampled):
     if not sampled:
         batch = {key: batch[key] for key in ("history_item_indices", "target_item_indices")}
     with torch.no_grad():
-        assert torch.equal(model(**batch).loss, _reference_loss(model, batch, sampled))
+        task = LlmRecForRetrieval(model, loss="sampled_softmax" if sampled else "full_softmax")
+        assert torch.equal(task(**batch).loss, _reference_loss(model, batch, sampled))
 
 
 def test_negative_sampler_draws_what_torch_multinomial_draws():

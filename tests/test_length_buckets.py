@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import BertConfig
 
 from llmrec.evaluation import evaluate_ranking
-from llmrec.modeling import LlmRecConfig, LlmRecModel, split_histories
+from llmrec.modeling import LlmRecConfig, LlmRecForRetrieval, LlmRecModel, split_histories
 from llmrec.training.examples import collate_next_item, collate_rerank, next_item_windows, RerankExample
 from llmrec.training.samplers import LengthGroupedBatchSampler, derived_seed
 from llmrec.utils.length_order import length_sorted_batches
@@ -124,13 +124,14 @@ def test_user_embeddings_and_losses_do_not_depend_on_padding_width(model):
         wide_inputs = torch.nn.functional.pad(narrow_inputs, (pad, 0), value=0)
         wide_targets = torch.nn.functional.pad(narrow_targets, (pad, 0), value=-100)
         assert torch.equal(wide_inputs, _padded_to_window([window[:-1] for window in chosen]))
+        full_softmax, sampled_softmax = LlmRecForRetrieval(model), LlmRecForRetrieval(model, loss="sampled_softmax")
         with torch.no_grad():
-            narrow = model(narrow_inputs, narrow_targets)
-            wide = model(wide_inputs, wide_targets)
+            narrow = full_softmax(narrow_inputs, narrow_targets)
+            wide = full_softmax(wide_inputs, wide_targets)
             sampled = torch.unique(torch.cat([narrow_targets[narrow_targets > 0], torch.arange(1, 11)]))
             log_q = torch.zeros(len(sampled))
-            narrow_sampled = model(narrow_inputs, narrow_targets, sampled_item_indices=sampled, sampled_log_q=log_q)
-            wide_sampled = model(wide_inputs, wide_targets, sampled_item_indices=sampled, sampled_log_q=log_q)
+            narrow_sampled = sampled_softmax(narrow_inputs, narrow_targets, sampled_item_indices=sampled, sampled_log_q=log_q)
+            wide_sampled = sampled_softmax(wide_inputs, wide_targets, sampled_item_indices=sampled, sampled_log_q=log_q)
         torch.testing.assert_close(narrow.user_embeddings, wide.user_embeddings, atol=TOLERANCE, rtol=TOLERANCE)
         torch.testing.assert_close(narrow.loss, wide.loss, atol=TOLERANCE, rtol=TOLERANCE)
         torch.testing.assert_close(narrow_sampled.loss, wide_sampled.loss, atol=TOLERANCE, rtol=TOLERANCE)

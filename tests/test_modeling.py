@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import AutoModel, BertConfig
 
-from llmrec.modeling import IGNORE_INDEX, LlmRecConfig, LlmRecModel, pad_histories
+from llmrec.modeling import (
+    IGNORE_INDEX, LlmRecConfig, LlmRecForReranking, LlmRecForRetrieval, LlmRecModel, pad_histories,
+)
 
 NUM_ITEMS = 30
 
@@ -52,7 +54,7 @@ def test_fully_padded_history_gives_finite_scores_and_gradients(model, output_at
     model.train()
     history = torch.zeros(2, 5, dtype=torch.long)
     history[1, -2:] = torch.tensor([4, 6])
-    output = model(
+    output = LlmRecForReranking(model)(
         history,
         candidate_item_indices=torch.tensor([[1, 2, 3], [4, 5, 6]]),
         candidate_labels=torch.tensor([0, 2]),
@@ -112,11 +114,11 @@ def test_full_and_sampled_softmax_losses(model):
     targets = torch.full_like(history, IGNORE_INDEX)
     targets[0, -3:] = torch.tensor([2, 3, 7])
     targets[1, -2:] = torch.tensor([5, 9])
-    full = model(history, target_item_indices=targets).loss
+    full = LlmRecForRetrieval(model)(history, target_item_indices=targets).loss
     assert torch.isfinite(full) and full > 0
     # With every item sampled and no correction, the sampled softmax equals the full one.
     every_item = torch.arange(1, NUM_ITEMS + 1)
-    sampled_output = model(
+    sampled_output = LlmRecForRetrieval(model, loss="sampled_softmax")(
         history, target_item_indices=targets, sampled_item_indices=every_item, sampled_log_q=torch.zeros(NUM_ITEMS)
     )
     torch.testing.assert_close(full, sampled_output.loss)

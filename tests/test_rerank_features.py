@@ -8,7 +8,7 @@ import torch
 from transformers import BertConfig
 
 from llmrec.errors import ConfigError
-from llmrec.modeling import LlmRecConfig, LlmRecModel, pad_histories
+from llmrec.modeling import LlmRecConfig, LlmRecForReranking, LlmRecModel, pad_histories
 from llmrec.modeling.reranker import text_similarity_features
 from llmrec.retrieval import CandidatePipeline, build_item_index
 
@@ -79,7 +79,7 @@ def test_training_forward_and_serving_give_the_same_scores():
     histories = [[3, 9, 12, 4], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
     candidates = torch.tensor([[5, 6, 20, 0], [8, 9, 10, 11], [29, 30, 1, 2]])
     window = pad_histories(histories, 8)
-    output = model(window, candidate_item_indices=candidates, candidate_labels=torch.tensor([0, 1, 2]))
+    output = LlmRecForReranking(model)(window, candidate_item_indices=candidates, candidate_labels=torch.tensor([0, 1, 2]))
     pipeline = CandidatePipeline(model, build_item_index(model), num_candidates=4)
     served, _ = pipeline.rerank([history[-8:] for history in histories], candidates)
     torch.testing.assert_close(output.logits, served, atol=1e-5, rtol=1e-5)
@@ -140,7 +140,9 @@ def test_popularity_in_training_forward_and_serving_gives_the_same_scores_and_gr
         model.reranker.scorer[-1].weight.normal_()
     histories = [[3, 9, 12, 4], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
     candidates = torch.tensor([[5, 6, 20, 0], [8, 9, 10, 11], [29, 30, 1, 2]])
-    output = model(pad_histories(histories, 8), candidate_item_indices=candidates, candidate_labels=torch.tensor([0, 1, 2]))
+    output = LlmRecForReranking(model)(
+        pad_histories(histories, 8), candidate_item_indices=candidates, candidate_labels=torch.tensor([0, 1, 2])
+    )
     served, _ = CandidatePipeline(model, build_item_index(model), num_candidates=4).rerank(histories, candidates)
     torch.testing.assert_close(output.logits, served, atol=1e-5, rtol=1e-5)
     model.add_items(torch.randn(2, model.item_text_embeddings.shape[1]))

@@ -124,6 +124,36 @@ def test_resume_after_sigkill_in_each_stage_matches_uninterrupted_run(tmp_path, 
     assert find_checkpoint(unimportant, checkpoints[-1]) == checkpoints[-1]
 
 
+@pytest.mark.slow
+def test_resume_after_sigkill_in_the_profile_fit_matches_uninterrupted_run(tmp_path, planted_data_dir, tiny_encoder_dir):
+    """The profile fit is the loop's third stage: checkpointed, resumed mid-epoch, earlier stages not trained again."""
+    from test_user_profiles import _write_planted_users
+
+    overrides = tiny_overrides(planted_data_dir, tiny_encoder_dir, tmp_path / "unused")
+    # 3 steps: mid-epoch in every stage (5, 11 and 4 batches an epoch).
+    overrides["training"].update({**RESUME_TRAINING, "checkpoint_every_steps": 3, "profile_epochs": 3})
+    overrides["data"].update({"users_file": str(_write_planted_users(tmp_path)), "user_profile_template": "movie about genre {likes}"})
+    overrides["model"]["use_user_profiles"] = True
+    config_file = tmp_path / "profiles.yaml"
+    config_file.write_text(yaml.safe_dump(overrides))
+    output_dir = tmp_path / "resumed"
+    reference = _start(config_file, tmp_path / "reference", tmp_path / "reference.log", "--training.checkpoint_every_steps=0")
+
+    first = _start(config_file, output_dir, tmp_path / "first.log")
+    _kill_at_checkpoint(first, output_dir, "profiles-step-", tmp_path / "first.log")
+    second_log = _finish(_start(config_file, output_dir, tmp_path / "second.log", "--resume"), tmp_path / "second.log")
+    assert re.search(r"Resuming from \S+: stage profiles at epoch \d, batch \d\.", second_log), second_log[-3000:]
+    assert "retrieval: finished in checkpoint" in second_log and "rerank: finished in checkpoint" in second_log
+    assert "profiles before training" not in second_log  # continued, not restarted
+
+    _finish(reference, tmp_path / "reference.log")
+    _assert_same_run(output_dir, tmp_path / "reference")
+    resumed = json.loads((output_dir / "eval_results.json").read_text())
+    reference_results = json.loads((tmp_path / "reference" / "eval_results.json").read_text())
+    assert resumed["profile_training_losses"] == pytest.approx(reference_results["profile_training_losses"], abs=TOLERANCE)
+    assert [path.name for path in list_checkpoints(output_dir / "checkpoints")][-1] == "profiles-done"
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, planted_data_dir, tiny_encoder_dir):
     config_file = _write_config(tmp_path, planted_data_dir, tiny_encoder_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

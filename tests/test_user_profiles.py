@@ -188,8 +188,11 @@ def test_run_finetune_evaluates_cold_users_with_and_without_profiles(profile_run
         assert set(saved[name]) == {"popularity", "retrieval", "rerank"}
         assert all(metrics["num_users"] == users for metrics in saved[name].values())
     assert saved["timings"]["profile_training_seconds"] > 0
+    # The profile fit is the trainer's third stage: its epochs, with early stopping on valid NDCG@10.
     losses = saved["profile_training_losses"]
-    assert len(losses) == config.training.profile_epochs and losses[-1] < losses[0]
+    assert 2 <= len(losses) <= config.training.profile_epochs and losses[-1] < losses[0]
+    best = saved["best_valid_epochs"]["profiles"]
+    assert best is not None and 0 <= best <= len(losses)
     # The profile names the user's genre: alone it finds the target far better than popularity (HR@10 = 10 of
     # the genre's 20 items at best), and it adds to a two-item history.
     profile_only = saved["cold_test_profile_only"]

@@ -11,6 +11,7 @@ from .modeling_llmrec import (
     pad_histories,
     split_histories,
 )
+from .task_models import LlmRecForReranking, LlmRecForRetrieval
 from .onnx_export import OnnxItemEncoder, export_item_encoder_onnx
 
 # Registered so Auto classes (AutoTokenizer reading config.json, AutoModel) know the "llmrec" model type.
@@ -23,6 +24,8 @@ __all__ = [
     "IGNORE_INDEX",
     "CrossAttentionReranker",
     "LlmRecConfig",
+    "LlmRecForReranking",
+    "LlmRecForRetrieval",
     "LlmRecModel",
     "LlmRecOutput",
     "OnnxItemEncoder",

@@ -1,16 +1,17 @@
 """The llmrec model: item text encoder, self-attentive user encoder and cross-attention reranking head.
 
-`LlmRecModel` puts the parts together, and its `forward` runs the three training modes (full softmax,
-sampled softmax, reranking). The parts live beside it: `item_encoder`, `user_encoder` (over `attention`),
-`reranker`, `histories` (padding and splitting them), `losses`, `catalogue` (adding items to a trained
-model) and `pretrained` (saving and loading). Item *indices* are 1-based (row 0 is padding); histories are
-left-padded with 0 so the most recent item always sits in the last slot.
+`LlmRecModel` puts the parts together, and its `forward` is inference (user vectors and catalogue scores);
+each training mode is a class of its own around it (`task_models`: `LlmRecForRetrieval`, `LlmRecForReranking`).
+The parts live beside it: `item_encoder`, `user_encoder` (over `attention`), `reranker`, `histories`
+(padding and splitting them), `losses`, `catalogue` (adding items to a trained model) and `pretrained`
+(saving and loading). Item *indices* are 1-based (row 0 is padding); histories are left-padded with 0 so
+the most recent item always sits in the last slot.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,21 +38,13 @@ __all__ = [
 
 @dataclass
 class LlmRecOutput(ModelOutput):
-    """`loss` when targets/labels are given; `logits` are catalogue scores (retrieval) or candidate scores (rerank)."""
+    """`loss` when targets/labels are given (task models); `logits` are catalogue scores (`LlmRecModel`,
+    `LlmRecForRetrieval`) or candidate scores (`LlmRecForReranking`)."""
 
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     user_embeddings: Optional[torch.Tensor] = None
     attentions: Optional[torch.Tensor] = None
-
-
-class _TouchedBatch(NamedTuple):
-    """A sampled-softmax or rerank batch after its user states are encoded from the items it touches."""
-
-    item_table: torch.Tensor  # representations of the touched items only
-    touched_items: torch.Tensor  # their item indices, sorted and unique (row r of the table is item touched_items[r])
-    history_rows: torch.Tensor  # the histories as rows of item_table
-    user_states: torch.Tensor  # per-slot user states (B, L, hidden)
 
 
 class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedModel):
@@ -114,22 +107,6 @@ class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedMod
 
     def encode_item_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.item_encoder(input_ids, attention_mask)
-
-    def _encode_texts_by_length(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int = 128
-    ) -> torch.Tensor:
-        """`encode_item_texts` in chunks of similar length, each cut to its own longest text.
-
-        A LoRA step re-encodes a few hundred to thousands of item texts; padded together to the longest,
-        most of the encoder's work (forward and backward) would go into padding.
-        """
-        lengths = attention_mask.sum(dim=1)
-        order = torch.argsort(lengths)
-        pooled = []
-        for chunk in order.split(chunk_size):
-            width = max(1, int(lengths[chunk].max()))
-            pooled.append(self.encode_item_texts(input_ids[chunk, :width], attention_mask[chunk, :width]))
-        return torch.cat(pooled)[torch.argsort(order)]
 
     def item_embeddings(
         self, text_embeddings: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None
@@ -266,133 +243,24 @@ class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedMod
         table = self.item_popularity_feature if row_items is None else self.item_popularity_feature[row_items]
         return table[candidate_item_indices]
 
-    def _touched_item_table(
-        self, index_tensors: list[Optional[torch.Tensor]], text_inputs: Optional[dict[str, torch.Tensor]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Representations of just the items a batch touches, and those items' indices (sorted, unique).
-
-        Sampled softmax and reranking read a few hundred items; projecting (and, with LoRA, re-encoding)
-        only those keeps a training step's cost independent of the catalogue size. Row 0 stays padding.
-        An item's row is found by `_table_rows` (a binary search), not a catalogue-sized lookup table.
-        """
-        device = self.warm_items.device
-        touched = [torch.zeros(1, dtype=torch.long, device=device)]
-        touched += [indices.flatten() for indices in index_tensors if indices is not None]
-        rows = torch.unique(torch.cat(touched))
-        rows = rows[rows >= 0]  # IGNORE_INDEX targets
-        text_embeddings = None
-        if text_inputs is not None:  # LoRA: the batch's texts re-encoded with gradient, the rest from the cache
-            fresh = self._encode_texts_by_length(text_inputs["input_ids"], text_inputs["attention_mask"])
-            text_embeddings = self.item_text_embeddings[rows].to(fresh.dtype)
-            text_embeddings = text_embeddings.index_copy(0, _table_rows(rows, text_inputs["item_indices"]), fresh)
-        return self.item_embeddings(text_embeddings, rows=rows), rows
-
     def forward(
-        self,
-        history_item_indices: torch.Tensor,
-        target_item_indices: Optional[torch.Tensor] = None,
-        sampled_item_indices: Optional[torch.Tensor] = None,
-        sampled_log_q: Optional[torch.Tensor] = None,
-        candidate_item_indices: Optional[torch.Tensor] = None,
-        candidate_labels: Optional[torch.Tensor] = None,
-        text_inputs: Optional[dict[str, torch.Tensor]] = None,
-        output_attentions: bool = False,
-        profile_text_embeddings: Optional[torch.Tensor] = None,
-        has_profile: Optional[torch.Tensor] = None,
-        older_item_indices: Optional[torch.Tensor] = None,
+        self, history_item_indices: torch.Tensor, profile_text_embeddings: Optional[torch.Tensor] = None,
+        has_profile: Optional[torch.Tensor] = None, older_item_indices: Optional[torch.Tensor] = None,
+        **training_inputs: Any,
     ) -> LlmRecOutput:
-        """Retrieval mode (no candidates) or rerank mode (`candidate_item_indices` given).
+        """Inference: the users' embeddings and their cosine scores over the whole catalogue (`logits`).
 
-        Retrieval: `target_item_indices` (B, L) holds the next item after every slot (IGNORE_INDEX where
-        none); the loss is softmax cross-entropy over the whole catalogue, or, when `sampled_item_indices`
-        is given, over those items with the logQ correction `sampled_log_q` (sampled softmax); `logits` are
-        then None, since scoring the whole catalogue is what sampling avoids. Rerank: the loss is listwise
-        cross-entropy over each user's candidates, `candidate_labels` giving the positive's column.
-        `profile_text_embeddings` / `has_profile` add user profiles and `older_item_indices` the history
-        before the window (see `encode_users`).
+        Training has a class per mode around this model (`task_models`): `LlmRecForRetrieval` for the towers'
+        next-item loss, `LlmRecForReranking` for the head's.
         """
-        if sampled_item_indices is None and candidate_item_indices is None:
-            return self._full_softmax_forward(
-                history_item_indices, target_item_indices, text_inputs, profile_text_embeddings, has_profile, older_item_indices
+        if training_inputs:
+            raise TypeError(
+                f"LlmRecModel.forward is inference only and takes no {sorted(training_inputs)}: train the towers "
+                "through LlmRecForRetrieval(model) and the head through LlmRecForReranking(model) "
+                "(llmrec.modeling), which share this model's weights."
             )
-        batch = self._encode_touched_batch(
-            history_item_indices, [target_item_indices, sampled_item_indices, candidate_item_indices], text_inputs,
-            profile_text_embeddings, has_profile, older_item_indices,
-        )
-        if candidate_item_indices is None:
-            return self._sampled_softmax_forward(batch, target_item_indices, sampled_item_indices, sampled_log_q)
-        return self._rerank_forward(batch, candidate_item_indices, candidate_labels, output_attentions)
-
-    def _full_softmax_forward(
-        self, history_item_indices: torch.Tensor, target_item_indices: Optional[torch.Tensor],
-        text_inputs: Optional[dict[str, torch.Tensor]], profile_text_embeddings: Optional[torch.Tensor],
-        has_profile: Optional[torch.Tensor], older_item_indices: Optional[torch.Tensor],
-    ) -> LlmRecOutput:
-        """Full softmax: every item is a negative, so the whole catalogue is projected (and scored: `logits`)."""
-        item_embeddings = self.item_embeddings(self._fresh_catalogue_text(text_inputs))
-        user_states = self.encode_users(
-            history_item_indices, item_embeddings, profile_text_embeddings, has_profile, older_item_indices
-        )
-        user_embeddings = user_states[:, -1]
-        loss = None
-        if target_item_indices is not None:
-            loss = self._retrieval_loss(user_states, item_embeddings, target_item_indices)
-        return LlmRecOutput(loss=loss, logits=self.similarity(user_embeddings, item_embeddings), user_embeddings=user_embeddings)
-
-    def _encode_touched_batch(
-        self, history_item_indices: torch.Tensor, other_item_indices: list[Optional[torch.Tensor]],
-        text_inputs: Optional[dict[str, torch.Tensor]], profile_text_embeddings: Optional[torch.Tensor],
-        has_profile: Optional[torch.Tensor], older_item_indices: Optional[torch.Tensor],
-    ) -> _TouchedBatch:
-        """Sampled softmax or reranking: only the items this batch touches, indexed by their table row.
-
-        `other_item_indices` are the batch's targets, sampled items and candidates (None where absent).
-        """
-        item_table, touched_items = self._touched_item_table(
-            [history_item_indices, *other_item_indices, older_item_indices], text_inputs
-        )
-        history_rows = _table_rows(touched_items, history_item_indices)
-        older_rows = _table_rows(touched_items, older_item_indices) if older_item_indices is not None else None
-        user_states = self.encode_users(history_rows, item_table, profile_text_embeddings, has_profile, older_rows)
-        return _TouchedBatch(item_table, touched_items, history_rows, user_states)
-
-    def _sampled_softmax_forward(
-        self, batch: _TouchedBatch, target_item_indices: Optional[torch.Tensor], sampled_item_indices: torch.Tensor,
-        sampled_log_q: Optional[torch.Tensor],
-    ) -> LlmRecOutput:
-        """Sampled softmax over `sampled_item_indices` with logQ correction; no `logits` (no catalogue scoring)."""
-        loss = None
-        if target_item_indices is not None:
-            sampled_embeddings = batch.item_table[_table_rows(batch.touched_items, sampled_item_indices)]
-            loss = self._retrieval_loss(
-                batch.user_states, sampled_embeddings, target_item_indices, sampled_item_indices, sampled_log_q
-            )
-        return LlmRecOutput(loss=loss, logits=None, user_embeddings=batch.user_states[:, -1])
-
-    def _rerank_forward(
-        self, batch: _TouchedBatch, candidate_item_indices: torch.Tensor, candidate_labels: Optional[torch.Tensor],
-        output_attentions: bool,
-    ) -> LlmRecOutput:
-        """Reranking: head scores of each user's candidates (`logits`), listwise cross-entropy against `candidate_labels`."""
-        user_embeddings = batch.user_states[:, -1]
-        scores, attentions = self.score_candidates(
-            batch.history_rows, _table_rows(batch.touched_items, candidate_item_indices), batch.item_table, user_embeddings,
-            output_attentions,
-            row_items=batch.touched_items,
-        )
-        loss = None
-        if candidate_labels is not None:
-            loss = F.cross_entropy(scores, candidate_labels, ignore_index=IGNORE_INDEX)
-        return LlmRecOutput(loss=loss, logits=scores, user_embeddings=user_embeddings, attentions=attentions)
-
-    def _fresh_catalogue_text(self, text_inputs: Optional[dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
-        """The cached catalogue text embeddings with the rows in `text_inputs` re-encoded (with gradient), for LoRA."""
-        if text_inputs is None:
-            return None
-        fresh = self._encode_texts_by_length(text_inputs["input_ids"], text_inputs["attention_mask"])
-        return self.item_text_embeddings.to(fresh.dtype).index_copy(0, text_inputs["item_indices"], fresh)
-
-
-def _table_rows(touched_items: torch.Tensor, item_indices: torch.Tensor) -> torch.Tensor:
-    """Rows of `item_indices` in a table of the sorted, unique `touched_items` (each of them is in it)."""
-    return torch.searchsorted(touched_items, item_indices)
+        item_embeddings = self.item_embeddings()
+        user_embeddings = self.encode_users(
+            history_item_indices, item_embeddings, profile_text_embeddings, has_profile, older_item_indices, last_only=True
+        )[:, -1]
+        return LlmRecOutput(logits=self.similarity(user_embeddings, item_embeddings), user_embeddings=user_embeddings)

@@ -1,4 +1,4 @@
-"""The training loop both stages share, with its checkpoints and resuming.
+"""The training loop every stage shares (towers, head, profile fit), with its checkpoints and resuming.
 
 `StageLoop._fit` runs one stage: mixed precision and gradient accumulation through Accelerate, a
 checkpoint every `training.checkpoint_every_steps` optimizer steps, validation every
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig
 from ..modeling import LlmRecModel
+from ..modeling.task_models import LlmRecTaskModel
 from .checkpoints import (
     BEST_STATE_NAME, check_rng_restored, checkpoint_root, clear_stale_checkpoints, read_trainer_state, save_checkpoint,
 )
@@ -42,9 +43,11 @@ logger = logging.getLogger(__name__)
 class StageLoop:
     """Epochs, checkpoints, validation and best-weight tracking for the stages of `LlmRecTrainer`.
 
-    A base class so the loop can be read on its own. The subclass sets `model`, `config` and
-    `accelerator` (and whatever `data_fingerprint` reads) before calling `__init__`, and provides
-    `data_fingerprint`, `refresh_item_cache()` and `_optimizers()`.
+    A base class so the loop can be read on its own. The subclass sets `model` (the `LlmRecModel` every stage
+    trains), `config` and `accelerator` (and whatever `data_fingerprint` reads) before calling `__init__`, and
+    provides `data_fingerprint`, `refresh_item_cache()`, `_task_model()` and `_optimizers()`.
+    Each stage trains through its own task model (`LlmRecForRetrieval`, `LlmRecForReranking`,
+    `LlmRecForProfiles`) around that one model; best weights are kept under the model's own parameter names, checkpoints under the task's.
     """
 
     model: LlmRecModel
@@ -56,6 +59,7 @@ class StageLoop:
         self.checkpoint_dir = checkpoint_root(self.config)
         self.timings: dict[str, float] = {}
         self.finished_stages: dict[str, dict] = {}  # stage -> its best valid metrics
+        self.epoch_losses: dict[str, list[float]] = {}  # stage -> the mean training loss of each of its epochs
         self._collate_position = (1, 0)  # (epoch, batch) of the next batch the loader collates
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.resume_ignore_rng = resume_ignore_rng
@@ -70,6 +74,10 @@ class StageLoop:
 
     def refresh_item_cache(self) -> None:
         """Called whenever stage-1 weights change (best weights restored, validation): re-encode what depends on them."""
+        raise NotImplementedError
+
+    def _task_model(self, stage: str) -> LlmRecTaskModel:
+        """The training mode of `stage` around `self.model`: its forward computes the stage's loss."""
         raise NotImplementedError
 
     def _optimizers(self, stage: str, parameters: list[nn.Parameter], learning_rate: float) -> list[torch.optim.Optimizer]:
@@ -90,7 +98,9 @@ class StageLoop:
             self._record_stage(stage, metrics, time.perf_counter() - started)
             return metrics
         sampler = loader.batch_sampler
-        model, *optimizers, loader = accelerator.prepare(self.model, *self._optimizers(stage, parameters, learning_rate), loader)
+        task, *optimizers, loader = accelerator.prepare(
+            self._task_model(stage), *self._optimizers(stage, parameters, learning_rate), loader
+        )
         progress, best_state = self._start_stage(stage, unwrapped, evaluate)
         saved_at_end = progress.finished  # resumed from the checkpoint this stage wrote when it ended
         clock_start = started - progress.training_seconds
@@ -98,19 +108,19 @@ class StageLoop:
             self._train_mode(unwrapped, stage)
             sampler.epoch = progress.epoch
             self._collate_position = (progress.epoch, progress.batches_done)
-            self._train_epoch(progress, model, optimizers, loader, epochs, best_state, clock_start)
+            self._train_epoch(progress, task, optimizers, loader, epochs, best_state, clock_start)
             best_state = self._end_epoch(progress, best_state, unwrapped, epochs, evaluate)
         progress.training_seconds = time.perf_counter() - clock_start
         if unwrapped.item_id_embeddings is not None:
             unwrapped.item_id_embeddings.sparse = False  # full-catalogue uses after training take the dense path
         self._end_stage(progress, best_state, unwrapped, save_checkpoint=bool(settings.checkpoint_every_steps) and not saved_at_end)
-        self.model = accelerator.unwrap_model(model)
+        del task
         accelerator.free_memory()
         unwrapped.eval()
         return progress.best_metrics
 
     def _train_epoch(
-        self, progress: TrainingProgress, model: nn.Module, optimizers: list, loader: DataLoader, epochs: int,
+        self, progress: TrainingProgress, task: nn.Module, optimizers: list, loader: DataLoader, epochs: int,
         best_state: dict[str, torch.Tensor], clock_start: float,
     ) -> None:
         """The rest of `progress.epoch`: its batches not yet trained on, a checkpoint every N optimizer steps."""
@@ -122,8 +132,8 @@ class StageLoop:
             initial=progress.batches_done, disable=None if accelerator.is_local_main_process else True,
         )
         for batch in bar:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
+            with accelerator.accumulate(task):
+                loss = task(**batch).loss
                 accelerator.backward(loss)
                 for optimizer in optimizers:
                     optimizer.step()
@@ -156,6 +166,7 @@ class StageLoop:
         """Validate (every `eval_every_epochs`), keep the best weights, decide on early stopping; returns the best state."""
         settings, stage, epoch = self.config.training, progress.stage, progress.epoch
         mean_loss = progress.epoch_loss_sum / progress.batches_done if progress.batches_done else math.nan
+        progress.epoch_losses.append(mean_loss)
         progress.finished = epoch >= epochs
         if epoch % settings.eval_every_epochs and not progress.finished:
             logger.info("%s epoch %d: loss %.4f", stage, epoch, mean_loss)
@@ -178,6 +189,7 @@ class StageLoop:
     ) -> None:
         """Put the best weights back; once they are in a checkpoint, a kill in the next stage does not train this one again."""
         model.load_state_dict(best_state, strict=False)
+        self.epoch_losses[progress.stage] = progress.epoch_losses
         if progress.stage == "retrieval":
             self.refresh_item_cache()
         self._record_stage(progress.stage, progress.best_metrics, progress.training_seconds)
@@ -194,12 +206,13 @@ class StageLoop:
 
     @staticmethod
     def _train_mode(model: LlmRecModel, stage: str) -> None:
-        # Stage 2 reads frozen towers: keep their dropout (and ID dropout) off while the head trains.
+        # Later stages read frozen towers: keep their dropout (and ID dropout) off while the head trains.
         if stage == "retrieval":
             model.train()
         else:
             model.eval()
-            model.reranker.train()
+            if stage == "rerank":
+                model.reranker.train()
 
     # ----- checkpoints -------------------------------------------------------------------------------
 
@@ -216,6 +229,7 @@ class StageLoop:
             "progress": dataclasses.asdict(progress),
             "finished_stages": self.finished_stages,
             "timings": self.timings,
+            "epoch_losses": self.epoch_losses,
             "num_processes": self.accelerator.num_processes,
             "data_fingerprint": self.data_fingerprint,
             "config": self.config.to_dict(),
@@ -228,6 +242,7 @@ class StageLoop:
         self.resumed = TrainingProgress(**trainer_state["progress"])
         self.finished_stages = trainer_state["finished_stages"]
         self.timings = trainer_state["timings"]
+        self.epoch_losses = trainer_state.get("epoch_losses", {})  # absent from checkpoints of earlier releases
         where = "its end" if self.resumed.finished else f"epoch {self.resumed.epoch}, batch {self.resumed.batches_done}"
         logger.info("Resuming from %s: stage %s at %s.", self.resume_from, self.resumed.stage, where)
 
@@ -243,8 +258,11 @@ class StageLoop:
     def _restore_finished_stage(self, stage: str) -> dict[str, float]:
         """A checkpoint of a later stage holds this stage's final weights (and item cache): load them, do not train."""
         state = load_file(self.resume_from / SAFE_WEIGHTS_NAME)
-        consume_prefix_in_state_dict_if_present(state, "module.")  # saved from the DDP-wrapped model
+        consume_prefix_in_state_dict_if_present(state, "module.")  # saved from the DDP-wrapped task model
+        consume_prefix_in_state_dict_if_present(state, f"{LlmRecTaskModel.base_model_prefix}.")  # the task's LlmRecModel
         model = self.accelerator.unwrap_model(self.model)
+        if any(name.startswith("profile_projection.") for name in state):
+            model.enable_user_profiles()  # the checkpoint is from the profile fit, which adds that path
         model.load_state_dict(state)
         model.eval()  # as a trained stage leaves it: the next stage retrieves its candidates without dropout
         logger.info("%s: finished in checkpoint %s; not training it again.", stage, self.resume_from)

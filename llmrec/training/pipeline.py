@@ -30,7 +30,7 @@ from ..modeling.text_encoding import encode_catalogue, tokenize_item_texts, toke
 from ..utils.snapshots import is_hub_repo_id
 from .continuation import SavedModel, align_catalogue, grow_for_split
 from .preflight import preflight
-from .profiles import embed_user_profiles, fit_user_profiles
+from .profiles import embed_user_profiles
 from .tracking import start_tracking, tracking_arguments
 from .trainer import LlmRecTrainer, find_checkpoint
 
@@ -171,16 +171,15 @@ def train_model(config: ExperimentConfig, setup: TrainingSetup, saved: Optional[
 
     trainer = LlmRecTrainer(model, split, config, accelerator, tokenized_items, resume_from=setup.checkpoint,
                             resume_ignore_rng=setup.resume_ignore_rng)
-    best_retrieval = trainer.train_retrieval()
-    best_rerank = trainer.train_reranker()
-    timings.update(trainer.timings)
-    trained = TrainedModel(split, tokenizer, accelerator.unwrap_model(trainer.model), trainer, popularity,
-                           {"retrieval": best_retrieval.get("epoch"), "rerank": best_rerank.get("epoch")}, timings)
+    best_epochs = {"retrieval": trainer.train_retrieval().get("epoch"), "rerank": trainer.train_reranker().get("epoch")}
+    trained = TrainedModel(split, tokenizer, accelerator.unwrap_model(trainer.model), trainer, popularity, best_epochs, timings)
     if config.model.use_user_profiles:
         stage_start = time.perf_counter()
-        trained.profile_embeddings, trained.has_profile, trained.profile_losses = _fit_profiles(
-            trained.model, tokenizer, split, config)
+        trained.profile_embeddings, trained.has_profile = _fit_profiles(trainer, tokenizer, split, config)
+        trained.profile_losses = trainer.epoch_losses.get("profiles")
+        best_epochs["profiles"] = trainer.finished_stages["profiles"].get("epoch")
         timings["profile_training_seconds"] = time.perf_counter() - stage_start
+    timings.update(trainer.timings)
     return trained
 
 
@@ -219,8 +218,8 @@ def _new_model(
     accelerator: Accelerator, precision: str,
 ) -> tuple[LlmRecModel, dict[str, torch.Tensor]]:
     """A model around the pretrained encoder, with the catalogue encoded; and the tokenised item texts."""
-    # The profile path is added after training (`enable_user_profiles`), so the stages and their checkpoints
-    # are those of a model without it.
+    # The profile path is added after stage 2 (`enable_user_profiles`), so the first two stages and their
+    # checkpoints are those of a model without it.
     model_settings = {**config.model.stored_settings(), "use_user_profiles": False}
     model = LlmRecModel.from_encoder(
         encoder_path, num_items=split.num_items, num_candidates=config.retrieval.num_candidates,
@@ -251,18 +250,12 @@ def _require_profiles(data: InteractionData, split: SequentialSplit) -> None:
 
 
 def _fit_profiles(
-    model: LlmRecModel, tokenizer: PreTrainedTokenizerBase, split: SequentialSplit, config: ExperimentConfig
-) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Add the profile path to the trained model and fit it; returns every user's profile embedding and mask,
-    and the mean training loss of each epoch."""
-    settings = config.training
+    trainer: LlmRecTrainer, tokenizer: PreTrainedTokenizerBase, split: SequentialSplit, config: ExperimentConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the profile path to the trained model and fit it (the trainer's third stage); returns every user's
+    profile embedding and which users have one."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
     model.enable_user_profiles()
-    embeddings, has_profile = embed_user_profiles(model, tokenizer, split.user_profiles, settings.encode_batch_size)
-    # Only users with a profile teach the projection; the others' empty text is no profile.
-    sequences = [sequence if has else [] for sequence, has in zip(split.train_sequences, has_profile.tolist())]
-    logger.info("User profiles: fitting the profile projection on %d users for %d epochs (towers frozen).",
-                sum(1 for sequence in sequences if sequence), settings.profile_epochs)
-    losses = fit_user_profiles(model, sequences, embeddings, epochs=settings.profile_epochs,
-                               learning_rate=settings.profile_learning_rate, batch_size=settings.retrieval_batch_size,
-                               seed=settings.seed)
-    return embeddings, has_profile, losses
+    embeddings, has_profile = embed_user_profiles(model, tokenizer, split.user_profiles, config.training.encode_batch_size)
+    trainer.train_profiles(embeddings, has_profile)
+    return embeddings, has_profile

@@ -1,27 +1,58 @@
 """Fitting the user-profile path: free-text profiles as a leading token of the user sequence.
 
 The profile projection is fitted after stage 1 with every other weight frozen, so a user without a
-profile is served exactly as before, and a profile can only add to what the history says. Each user
-with a profile and a training sequence gives two examples per epoch:
-
-- profile + history: next-item softmax at every slot of their most recent window, as in stage 1;
-- profile only (empty history): a softmax whose target is spread over every item of their training
-  sequence, which is what a cold user with nothing but a profile should be recommended.
+profile is served exactly as before, and a profile can only add to what the history says. The loss is
+`LlmRecForProfiles`'s; a training run fits it as its third stage (`LlmRecTrainer.train_profiles`, with the
+loop, checkpoints and early stopping of the other two); `fit_user_profiles` fits an already loaded model.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..modeling import LlmRecModel, pad_histories
+from ..modeling.task_models import LlmRecForProfiles
 from ..modeling.text_encoding import embed_item_texts
 from .examples import collate_next_item
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ProfileExample:
+    """A user with a profile and a training sequence: the profile-fit example of one epoch."""
+
+    user_index: int
+    sequence: Sequence[int]
+
+
+def profile_examples(train_sequences: Sequence[Sequence[int]], has_profile: torch.Tensor) -> list[ProfileExample]:
+    """One example per user with a profile and a training sequence (users without one teach nothing)."""
+    examples = [
+        ProfileExample(user, sequence) for user, (sequence, has) in enumerate(zip(train_sequences, has_profile.tolist()))
+        if has and len(sequence) > 0
+    ]
+    if not examples:
+        raise ValueError("No user has both a profile and a training sequence to fit profiles on.")
+    return examples
+
+
+def collate_profiles(
+    examples: Sequence[ProfileExample], profile_text_embeddings: torch.Tensor, max_history_length: int
+) -> dict[str, torch.Tensor]:
+    """`LlmRecForProfiles`'s inputs: each user's profile, most recent window and every item they chose."""
+    windows = [list(example.sequence[-(max_history_length + 1):]) for example in examples]
+    batch = collate_next_item(windows, max_history_length)
+    batch.pop("older_item_indices", None)  # windows are cut to the model's window
+    batch["profile_text_embeddings"] = profile_text_embeddings[[example.user_index for example in examples]]
+    sequences = [list(example.sequence) for example in examples]
+    batch["chosen_item_indices"] = pad_histories(sequences, max(len(sequence) for sequence in sequences))
+    return batch
 
 
 def fit_user_profiles(
@@ -33,20 +64,19 @@ def fit_user_profiles(
     batch_size: int = 64,
     seed: int = 42,
 ) -> list[float]:
-    """Fit `model.profile_projection` (towers frozen); returns the mean training loss of each epoch.
+    """Fit `model.profile_projection` of a loaded model (towers frozen); returns each epoch's mean training loss.
 
     `profile_text_embeddings` (num_users, encoder hidden) holds the pooled BERT embeddings of the users'
-    profile texts, aligned with `train_sequences` (see `embed_user_profiles`). Users with an
-    empty training sequence (e.g. the held-out users of a cold_users split) are skipped.
+    profile texts, aligned with `train_sequences` (see `embed_user_profiles`). Users with an empty
+    training sequence (e.g. the held-out users of a cold_users split) are skipped. Every epoch runs in
+    full: without a split there is no validation to stop on (a training run has it: `train_profiles`).
     """
     if model.profile_projection is None:
         raise ValueError("The model has no profile path; build it with use_user_profiles=True.")
     if len(profile_text_embeddings) != len(train_sequences):
         raise ValueError(f"{len(profile_text_embeddings)} profiles for {len(train_sequences)} users; pass one per user.")
-    users = [user for user, sequence in enumerate(train_sequences) if len(sequence) > 0]
-    if not users:
-        raise ValueError("No user has a training sequence to fit profiles on.")
-    device = model.item_text_embeddings.device
+    examples = profile_examples(train_sequences, torch.ones(len(train_sequences), dtype=torch.bool))
+    task = LlmRecForProfiles(model)
     trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.startswith("profile_projection."))
@@ -54,19 +84,16 @@ def fit_user_profiles(
     model.eval()  # frozen towers: no dropout, no ID dropout
     optimizer = torch.optim.AdamW(model.profile_projection.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
-    max_length = model.config.max_history_length
-    with torch.no_grad():
-        item_embeddings = model.item_embeddings()
+    device = model.item_text_embeddings.device
     epoch_losses = []
     try:
         for _ in range(epochs):
-            order = torch.randperm(len(users), generator=generator).tolist()
+            order = torch.randperm(len(examples), generator=generator).tolist()
             losses = []
             for start in range(0, len(order), batch_size):
-                batch_users = [users[position] for position in order[start : start + batch_size]]
-                profiles = profile_text_embeddings[batch_users].to(device)
-                loss = _history_loss(model, item_embeddings, [train_sequences[user] for user in batch_users], profiles, max_length)
-                loss = loss + _profile_only_loss(model, item_embeddings, [train_sequences[user] for user in batch_users], profiles)
+                chosen = [examples[position] for position in order[start : start + batch_size]]
+                batch = collate_profiles(chosen, profile_text_embeddings, model.config.max_history_length)
+                loss = task(**{name: tensor.to(device) for name, tensor in batch.items()}).loss
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -76,7 +103,7 @@ def fit_user_profiles(
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(trainable[name])
         model.train(was_training)
-    logger.info("User profiles: %d users, loss %.4f -> %.4f over %d epochs.", len(users), epoch_losses[0], epoch_losses[-1], epochs)
+    logger.info("User profiles: %d users, loss %.4f -> %.4f over %d epochs.", len(examples), epoch_losses[0], epoch_losses[-1], epochs)
     return epoch_losses
 
 
@@ -91,34 +118,3 @@ def embed_user_profiles(
     embeddings = embed_item_texts(model, tokenizer, texts, batch_size)
     has_profile = torch.tensor([profile is not None for profile in profiles], dtype=torch.bool)
     return embeddings, has_profile
-
-
-def _history_loss(
-    model: LlmRecModel, item_embeddings: torch.Tensor, sequences: list[Sequence[int]], profiles: torch.Tensor, max_length: int
-) -> torch.Tensor:
-    """Next-item loss of each user's most recent window, read with the profile token in front."""
-    windows = [list(sequence[-(max_length + 1):]) for sequence in sequences]
-    keep = [row for row, window in enumerate(windows) if len(window) >= 2]
-    if not keep:
-        return profiles.new_zeros(())
-    batch = collate_next_item([windows[row] for row in keep], max_length)
-    device = profiles.device
-    states = model.encode_users(batch["history_item_indices"].to(device), item_embeddings, profiles[keep])
-    return model._retrieval_loss(states, item_embeddings, batch["target_item_indices"].to(device), None, None)
-
-
-def _profile_only_loss(
-    model: LlmRecModel, item_embeddings: torch.Tensor, sequences: list[Sequence[int]], profiles: torch.Tensor
-) -> torch.Tensor:
-    """Cross-entropy of the profile-only user against the uniform distribution over the items they chose."""
-    device = profiles.device
-    empty = pad_histories([[] for _ in sequences], 1, device)
-    users = model.encode_users(empty, item_embeddings, profiles)[:, -1]
-    log_probabilities = model.similarity(users, item_embeddings)
-    log_probabilities[:, 0] = float("-inf")
-    log_probabilities = log_probabilities.log_softmax(dim=-1)
-    chosen = torch.zeros_like(log_probabilities)
-    for row, sequence in enumerate(sequences):
-        chosen[row, torch.as_tensor(list(sequence), dtype=torch.long, device=device)] = 1.0
-    chosen = chosen / chosen.sum(dim=1, keepdim=True)
-    return -(chosen * log_probabilities.masked_fill(chosen == 0, 0.0)).sum(dim=1).mean()

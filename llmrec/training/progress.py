@@ -12,7 +12,7 @@ import logging
 logger = logging.getLogger(__name__)
 
 SELECTION_METRIC = "ndcg@10"
-STAGES = ("retrieval", "rerank")
+STAGES = ("retrieval", "rerank", "profiles")
 
 
 @dataclasses.dataclass
@@ -27,6 +27,7 @@ class TrainingProgress:
     best_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # best valid epoch so far (0 = untrained)
     evaluations_without_gain: int = 0
     training_seconds: float = 0.0
+    epoch_losses: list[float] = dataclasses.field(default_factory=list)  # mean training loss of each finished epoch
     finished: bool = False  # the stage ended and its best weights are in the model
 
     def next_epoch(self) -> None:
