@@ -1,0 +1,195 @@
+"""Would token-level attention pay in the reranking head? A probe on a trained model, before building it (issue 15).
+
+Each arm trains stage 2 again from a fresh head on the saved model's frozen towers, with the run's own
+config, examples, seed and early stopping, and reports valid and test NDCG@10 / HR@10 of retrieval + rerank:
+
+- `head`: today's head (the control: the same training as the run's own stage 2);
+- `head + tokens`: the same head, whose scorer also reads a token-level match. Every candidate text token
+  (raw MiniLM states, [CLS] and padding left out, at most `--tokens`) attends over the tokens of the user's
+  `--history-items` most recent history items, through learned query / key / value projections to
+  `--token-size` dimensions; the attended vectors, averaged over the candidate's tokens, join the scorer's
+  first layer through weights that start at zero (so the arm starts as the control does).
+
+The token states are computed once with the frozen encoder, as a library version would cache them. If the
+token arm does not beat the control on valid, the feature is not built into the library (test is reported,
+never used to choose).
+
+    python bench/rerank_token_probe.py --model runs/ml100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import git_commit, machine, table_header, table_row, write_results  # noqa: E402
+from llmrec import Recommender  # noqa: E402
+from llmrec.config import load_config  # noqa: E402
+from llmrec.evaluation import evaluate_ranking  # noqa: E402
+from llmrec.modeling.reranker import CrossAttentionReranker, text_similarity_features  # noqa: E402
+from llmrec.modeling.text_encoding import tokenize_item_texts  # noqa: E402
+from llmrec.training.pipeline import load_split  # noqa: E402
+from llmrec.training.ranking import rerank_score_function  # noqa: E402
+from llmrec.training.trainer import LlmRecTrainer  # noqa: E402
+
+
+@torch.inference_mode()
+def token_states(model, tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_items + 1, T, encoder hidden) raw last-layer states of each item's first `max_tokens` word pieces, and their mask."""
+    tokenized = tokenize_item_texts(tokenizer, texts, model.config.max_text_length)
+    input_ids, attention_mask = tokenized["input_ids"], tokenized["attention_mask"]
+    hidden = model.item_encoder.output_size
+    states = torch.zeros(len(input_ids), max_tokens, hidden)
+    mask = torch.zeros(len(input_ids), max_tokens, dtype=torch.bool)
+    backbone = model.item_encoder.backbone.eval()
+    for start in range(1, len(input_ids), 256):
+        rows = slice(start, start + 256)
+        output = backbone(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).last_hidden_state
+        # Left out: [CLS] (position 0) and [SEP] / padding (the mask says which are real; [SEP] is the last real one).
+        real = attention_mask[rows].clone()
+        real[:, 0] = 0
+        real[torch.arange(len(real)), attention_mask[rows].sum(1) - 1] = 0
+        for row in range(len(real)):
+            positions = torch.nonzero(real[row]).flatten()[:max_tokens]
+            states[start + row, : len(positions)] = output[row, positions]
+            mask[start + row, : len(positions)] = True
+    return states, mask
+
+
+class TokenMatch(nn.Module):
+    """Candidate tokens attend over the recent history items' tokens; returns (B, C, token_size)."""
+
+    def __init__(self, states: torch.Tensor, mask: torch.Tensor, token_size: int, history_items: int) -> None:
+        super().__init__()
+        self.register_buffer("states", states, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+        encoder_size = states.shape[-1]
+        generator = torch.Generator().manual_seed(0)  # not the global stream the towers' training reads
+        self.query = nn.Parameter(torch.randn(encoder_size, token_size, generator=generator) / encoder_size**0.5)
+        self.key = nn.Parameter(torch.randn(encoder_size, token_size, generator=generator) / encoder_size**0.5)
+        self.value = nn.Parameter(torch.randn(encoder_size, token_size, generator=generator) / encoder_size**0.5)
+        self.history_items = history_items
+
+    def forward(self, candidate_items: torch.Tensor, history_items: torch.Tensor) -> torch.Tensor:
+        recent = history_items[:, -self.history_items:]  # left-padded: the most recent items are last
+        batch, candidates = candidate_items.shape
+        touched, inverse = torch.unique(torch.cat([candidate_items.flatten(), recent.flatten()]), return_inverse=True)
+        states = self.states[touched]
+        queries, keys, values = states @ self.query, states @ self.key, states @ self.value
+        candidate_rows = inverse[: candidate_items.numel()].view(batch, candidates)
+        history_rows = inverse[candidate_items.numel():].view(batch, -1)
+        query = queries[candidate_rows]  # (B, C, T, d)
+        key = keys[history_rows].reshape(batch, -1, keys.shape[-1])  # (B, M*T, d)
+        value = values[history_rows].reshape(batch, -1, values.shape[-1])
+        key_mask = (self.mask[touched][history_rows] & (recent > 0)[..., None]).reshape(batch, 1, 1, -1)
+        logits = torch.einsum("bctd,bkd->bctk", query, key) / query.shape[-1] ** 0.5
+        weights = logits.masked_fill(~key_mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+        attended = torch.einsum("bctk,bkd->bctd", weights, value)
+        query_mask = self.mask[touched][candidate_rows].unsqueeze(-1).to(attended.dtype)  # (B, C, T, 1)
+        return (attended * query_mask).sum(2) / query_mask.sum(2).clamp(min=1.0)
+
+
+def add_token_match(model, states: torch.Tensor, mask: torch.Tensor, token_size: int, history_items: int) -> None:
+    """Route the head's text-similarity input through [text similarity, token match] (weights for the latter start at zero)."""
+    reranker = model.reranker
+    reranker.token_match = TokenMatch(states, mask, token_size, history_items)
+    old = reranker.text_similarity_weight
+    reranker.text_similarity_weight = nn.Parameter(torch.cat([old.detach(), torch.zeros(old.shape[0], token_size)], dim=1))
+
+    def text_similarity(candidate_item_indices, history_item_indices, row_items):
+        items = (lambda rows: rows) if row_items is None else (lambda rows: row_items[rows])
+        table = model.item_text_embeddings if row_items is None else model.item_text_embeddings[row_items]
+        pooled = text_similarity_features(table[candidate_item_indices], table[history_item_indices], history_item_indices > 0)
+        matched = reranker.token_match(items(candidate_item_indices), items(history_item_indices))
+        return torch.cat([pooled, matched.to(pooled.dtype)], dim=-1)
+
+    model._text_similarity = text_similarity
+
+
+def fresh_head(model, seed: int) -> None:
+    """Today's head as a new run starts it: random attention and MLP, scorer output and feature weights at zero."""
+    torch.manual_seed(seed)
+    head = CrossAttentionReranker(model.config)
+    for module in head.modules():
+        model._init_weights(module)
+    nn.init.zeros_(head.scorer[-1].weight)
+    nn.init.zeros_(head.scorer[-1].bias)
+    model.reranker = head.to(model.item_text_embeddings.device)
+
+
+def run_arm(folder: Path, tokens: bool, arguments: argparse.Namespace, accelerator: Accelerator) -> dict:
+    recommender = Recommender.from_pretrained(folder)
+    output_dir = arguments.work_dir / ("tokens" if tokens else "head")
+    config = load_config(folder / "config.yaml", [f"--output_dir={output_dir}", *arguments.overrides])
+    model = recommender.model
+    split = load_split(config)
+    fresh_head(model, config.training.seed)
+    if tokens:
+        states, mask = token_states(model, recommender.tokenizer, split.item_texts, arguments.tokens)
+        add_token_match(model, states, mask, arguments.token_size, arguments.history_items)
+    tokenized = tokenize_item_texts(recommender.tokenizer, split.item_texts, config.model.max_text_length)
+    trainer = LlmRecTrainer(model, split, config, accelerator, tokenized)
+    started = time.perf_counter()
+    best_valid = trainer.train_reranker()
+    seconds = time.perf_counter() - started
+    model.eval()
+    pipeline = trainer.candidate_pipeline()
+    test = evaluate_ranking(rerank_score_function(pipeline, split.num_items), split.test.histories, split.test.targets,
+                            split.num_items, ks=[10])
+    return {"valid": {name: best_valid[name] for name in ("ndcg@10", "hr@10")}, "best_epoch": best_valid.get("epoch"),
+            "test": {name: test[name] for name in ("ndcg@10", "hr@10")}, "stage2_seconds": round(seconds, 1)}
+
+
+def render(report: dict) -> str:
+    lines = ["# Token-level attention in the reranking head: a probe (issue 15)", "",
+             f"Commit {report['commit']}, {report['machine']['date']}, load {report['machine'].get('load_average_at_start')}. "
+             f"Made by `bench/rerank_token_probe.py` ({report['settings']}): stage 2 trained again from a fresh head "
+             "on each saved model's frozen towers; the token arm's head also reads candidate-token over history-token "
+             "attention.", ""]
+    lines += table_header(["model", "arm", "valid NDCG@10", "valid HR@10", "test NDCG@10", "test HR@10", "best epoch",
+                           "stage-2 s"], "llrrrrrr")
+    for name, arms in report["models"].items():
+        for arm, result in arms.items():
+            lines.append(table_row([name, arm, f"{result['valid']['ndcg@10']:.4f}", f"{result['valid']['hr@10']:.4f}",
+                                    f"{result['test']['ndcg@10']:.4f}", f"{result['test']['hr@10']:.4f}",
+                                    result["best_epoch"], result["stage2_seconds"]]))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", required=True, help="NAME=FOLDER of trained models.")
+    parser.add_argument("--tokens", type=int, default=16, help="Word pieces per item text.")
+    parser.add_argument("--token-size", type=int, default=32, help="Query / key / value size of the token attention.")
+    parser.add_argument("--history-items", type=int, default=6, help="Most recent history items whose tokens are read.")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/llmrec-token-probe"), help="Checkpoint folders.")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--override", dest="overrides", action="append", default=[],
+                        help="A config override, e.g. --override=--training.rerank_epochs=2 (repeatable).")
+    parser.add_argument("--name", default="rerank_token_probe_ml100k", help="Results file stem under bench/results/.")
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
+    accelerator = Accelerator(cpu=True)
+    folders = dict(spec.split("=", 1) for spec in arguments.model)
+    models = {}
+    for name, folder in folders.items():
+        models[name] = {arm: run_arm(Path(folder), arm == "head + tokens", arguments, accelerator)
+                        for arm in ("head", "head + tokens")}
+    settings = f"tokens {arguments.tokens}, token size {arguments.token_size}, history items {arguments.history_items}"
+    settings += "".join(f", {override}" for override in arguments.overrides)
+    report = {"commit": git_commit(), "machine": machine(), "settings": settings, "models": models, "folders": folders}
+    _, markdown_path = write_results(arguments.name, report, render(report))
+    print(markdown_path.read_text())
+
+
+if __name__ == "__main__":
+    main()
