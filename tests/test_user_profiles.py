@@ -246,6 +246,20 @@ def test_profiles_on_without_profile_texts_fails_before_training(planted_data_di
     assert not (tmp_path / "run" / "eval_results.json").exists()
 
 
+def test_profiles_without_a_validation_user_with_a_profile_fail_before_training():
+    """The profile fit stops early on valid users' profiles: with none, it would have nothing to stop on."""
+    from types import SimpleNamespace
+
+    from llmrec.training.pipeline import _require_profiles
+
+    split = SimpleNamespace(user_profiles=["likes g1", None], train_sequences=[[1, 2], [3, 4]],
+                            valid=SimpleNamespace(user_indices=[1]))
+    with pytest.raises(ConfigError, match="no validation user has a profile text.*data.users_file"):
+        _require_profiles(SimpleNamespace(users_note=None), split)
+    split.valid.user_indices = [0, 1]
+    _require_profiles(SimpleNamespace(users_note=None), split)  # user 0 has both: nothing to refuse
+
+
 def test_profile_settings_are_validated():
     with pytest.raises(ConfigError, match="training.profile_epochs"):
         load_config(overrides={"training": {"profile_epochs": 0}})

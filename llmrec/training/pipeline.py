@@ -239,6 +239,12 @@ def _require_profiles(data: InteractionData, split: SequentialSplit) -> None:
     """Fail before training, not after it, when there is nothing to fit the profile path on."""
     with_profile = [profile is not None for profile in split.user_profiles]
     if any(has and sequence for has, sequence in zip(with_profile, split.train_sequences)):
+        if not any(with_profile[user] for user in split.valid.user_indices):
+            raise ConfigError(
+                "model.use_user_profiles is on but no validation user has a profile text, and the profile fit "
+                "stops early on them. Give the users file rows for more users (data.users_file), or set "
+                "model.use_user_profiles: false."
+            )
         return
     reason = data.users_note or (f"{sum(with_profile)} users have a profile text, none of them with training "
                                  "interactions (do the users file's ids match the interactions' user ids?)")

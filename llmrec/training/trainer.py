@@ -2,7 +2,7 @@
 `model.use_user_profiles` a third, the profile projection.
 
 `LlmRecTrainer` says what each stage trains on: its examples, loaders, negatives and validation. The loop
-both stages share (epochs, checkpoints, early stopping on validation NDCG@10, best weights, resuming) is
+every stage shares (epochs, checkpoints, early stopping on validation NDCG@10, best weights, resuming) is
 `loop.StageLoop`; the checkpoint folders are `checkpoints`, the stage-1 loss choice `retrieval_loss`.
 The names below that moved there are imported here too, for their old path `llmrec.training.trainer`.
 """
@@ -245,7 +245,8 @@ class LlmRecTrainer(StageLoop):
         )
 
     def _task_model(self, stage: str) -> LlmRecTaskModel:
-        """Stage 1 trains the towers with `loss_type`'s next-item loss, stage 2 the head with its listwise loss."""
+        """Stage 1 trains the towers with `loss_type`'s next-item loss, stage 2 the head with its listwise loss,
+        the profile fit the profile projection with `LlmRecForProfiles`' loss."""
         model = self.accelerator.unwrap_model(self.model)
         if stage == "retrieval":
             return LlmRecForRetrieval(model, loss=self.loss_type)
