@@ -15,19 +15,24 @@ from llmrec.modeling import (
 NUM_ITEMS = 30
 
 
-@pytest.fixture()
-def model() -> LlmRecModel:
+def tiny_model(num_items: int = NUM_ITEMS, max_history_length: int = 12, warm_items: int = 19) -> LlmRecModel:
+    """A seeded model over a one-layer BERT, with random cached item texts; items 1..warm_items are warm."""
     torch.manual_seed(0)
     encoder = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     config = LlmRecConfig(
-        encoder_config=encoder.to_dict(), num_items=NUM_ITEMS, hidden_size=16, max_history_length=12,
+        encoder_config=encoder.to_dict(), num_items=num_items, hidden_size=16, max_history_length=max_history_length,
         user_num_heads=2, rerank_num_heads=4, dropout=0.0,
     )
     model = LlmRecModel(config)
     with torch.no_grad():
         model.item_text_embeddings[1:].normal_()
-    model.warm_items[1:20] = True
+    model.warm_items[1 : warm_items + 1] = True
     return model.eval()
+
+
+@pytest.fixture()
+def model() -> LlmRecModel:
+    return tiny_model()
 
 
 def test_pad_histories_left_pads_and_keeps_most_recent():

@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig
 
-from llmrec.modeling import (
-    IGNORE_INDEX, LlmRecConfig, LlmRecForReranking, LlmRecForRetrieval, LlmRecModel, pad_histories,
-)
+from llmrec.modeling import IGNORE_INDEX, LlmRecForReranking, LlmRecForRetrieval, LlmRecModel, pad_histories
+from test_modeling import tiny_model
 
 NUM_ITEMS = 20
 
 
 def _model() -> LlmRecModel:
-    torch.manual_seed(0)
-    encoder = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    config = LlmRecConfig(
-        encoder_config=encoder.to_dict(), num_items=NUM_ITEMS, hidden_size=16, max_history_length=6,
-        user_num_heads=2, rerank_num_heads=2, dropout=0.0,
-    )
-    model = LlmRecModel(config)
+    model = tiny_model(NUM_ITEMS, max_history_length=6, warm_items=NUM_ITEMS)
     with torch.no_grad():
-        model.item_text_embeddings[1:].normal_()
         model.reranker.scorer[-1].weight.normal_()  # a head that does not add exactly zero
-    model.warm_items[1:] = True
-    return model.eval()
+    return model
 
 
 def _histories() -> torch.Tensor:
