@@ -161,7 +161,13 @@ class LlmRecForProfiles(LlmRecTaskModel):
     - profile + history: next-item softmax at every slot of their most recent window, as in stage 1;
     - profile only (empty history): a softmax whose target is spread over every item the user chose,
       which is what a cold user with nothing but a profile should be recommended.
+
+    The towers stay frozen for the task's lifetime, so the catalogue is projected once, at the first step.
     """
+
+    def __init__(self, model: Union[LlmRecModel, LlmRecConfig]) -> None:
+        super().__init__(model)
+        self._item_embeddings: Optional[torch.Tensor] = None
 
     def forward(
         self,
@@ -175,7 +181,10 @@ class LlmRecForProfiles(LlmRecTaskModel):
         model = self.llmrec
         if model.profile_projection is None:
             raise ValueError("The model has no profile path; call model.enable_user_profiles() first.")
-        item_embeddings = model.item_embeddings()
+        if self._item_embeddings is None:
+            with torch.no_grad():
+                self._item_embeddings = model.item_embeddings()
+        item_embeddings = self._item_embeddings
         loss = self._profile_only_loss(profile_text_embeddings, chosen_item_indices, item_embeddings)
         with_targets = (target_item_indices != IGNORE_INDEX).any(dim=1)
         if with_targets.any():

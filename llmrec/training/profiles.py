@@ -1,6 +1,6 @@
 """Fitting the user-profile path: free-text profiles as a leading token of the user sequence.
 
-The profile projection is fitted after stage 1 with every other weight frozen, so a user without a
+The profile projection is fitted after both stages with every other weight frozen, so a user without a
 profile is served exactly as before, and a profile can only add to what the history says. The loss is
 `LlmRecForProfiles`'s; a training run fits it as its third stage (`LlmRecTrainer.train_profiles`, with the
 loop, checkpoints and early stopping of the other two); `fit_user_profiles` fits an already loaded model.
