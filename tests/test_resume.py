@@ -172,3 +172,19 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, planted_data_dir, 
         assert message in completed.stderr, completed.stderr[-3000:]
         assert "Traceback" not in completed.stderr
         assert not (tmp_path / "empty" / "eval_results.json").exists()
+
+
+def test_a_checkpoint_of_an_earlier_release_is_refused_with_a_clear_error(tmp_path):
+    """Before the task models, a checkpoint held the bare model's weights; this release cannot load them mid-stage."""
+    import torch
+    from safetensors.torch import save_file
+
+    from llmrec.training.checkpoints import check_task_model_weights
+
+    save_file({"llmrec.reranker.retrieval_weight": torch.ones(())}, tmp_path / "model.safetensors")
+    check_task_model_weights(tmp_path, "llmrec.")  # this release's layout
+    save_file({"module.llmrec.reranker.retrieval_weight": torch.ones(())}, tmp_path / "model.safetensors")
+    check_task_model_weights(tmp_path, "llmrec.")  # saved from the DDP-wrapped task model
+    save_file({"reranker.retrieval_weight": torch.ones(())}, tmp_path / "model.safetensors")
+    with pytest.raises(ConfigError, match="written by an earlier llmrec release.*without --resume"):
+        check_task_model_weights(tmp_path, "llmrec.")

@@ -81,6 +81,22 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
+def check_task_model_weights(checkpoint: Path, prefix: str) -> None:
+    """A mid-stage checkpoint holds the stage's task model, whose weights are named `prefix` + the model's.
+
+    Checkpoints of releases before the task models (llmrec.modeling.task_models) hold the bare model; Accelerate
+    would fail to load them into a task model with a long list of missing keys, so say what happened instead.
+    """
+    with safe_open(checkpoint / SAFE_WEIGHTS_NAME, framework="pt") as handle:
+        names = list(handle.keys())
+    if names and not any(name.startswith((prefix, f"module.{prefix}")) for name in names):
+        raise ConfigError(
+            f"Checkpoint {checkpoint} was written by an earlier llmrec release (its weights are not those of a task "
+            "model), so this release cannot continue its stage. Finish the run with the release that started it, "
+            "or start again without --resume."
+        )
+
+
 def clear_stale_checkpoints(checkpoint_dir: Path, remove_earlier_run: bool) -> None:
     """Remove staging folders of interrupted saves and, if `remove_earlier_run`, an earlier run's checkpoints.
 

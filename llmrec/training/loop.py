@@ -31,7 +31,8 @@ from ..config import ExperimentConfig
 from ..modeling import LlmRecModel
 from ..modeling.task_models import LlmRecTaskModel
 from .checkpoints import (
-    BEST_STATE_NAME, check_rng_restored, checkpoint_root, clear_stale_checkpoints, read_trainer_state, save_checkpoint,
+    BEST_STATE_NAME, check_rng_restored, check_task_model_weights, checkpoint_root, clear_stale_checkpoints,
+    read_trainer_state, save_checkpoint,
 )
 from .progress import STAGES, TrainingProgress, format_metrics
 from .resume_checks import check_resumable, check_same_run_setup
@@ -248,6 +249,7 @@ class StageLoop:
 
     def _load_checkpoint(self) -> tuple[TrainingProgress, dict[str, torch.Tensor]]:
         """Model, optimizer, RNG states and loop progress of the stage the checkpoint was saved in."""
+        check_task_model_weights(self.resume_from, f"{LlmRecTaskModel.base_model_prefix}.")
         self.accelerator.load_state(str(self.resume_from))
         check_rng_restored(self.resume_from, self.accelerator.process_index, self.resume_ignore_rng)
         device = self.accelerator.device
