@@ -26,7 +26,9 @@ class ExperimentConfig:
     lora: Optional[LoraSettings] = setting(
         None, "Set to fine-tune the encoder with PEFT LoRA; absent = frozen encoder.",
     )
-    training: TrainingSettings = setting(default_factory=TrainingSettings, help="Both training stages and the profile fit.")
+    training: TrainingSettings = setting(
+        default_factory=TrainingSettings, help="Both training stages and the profile fit.",
+    )
     retrieval: RetrievalSettings = setting(
         default_factory=RetrievalSettings, help="FAISS candidates and the index that finds them.",
     )
