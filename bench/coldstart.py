@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--id-dropout", type=float, default=None, help="Override model.id_dropout of the hybrid.")
     parser.add_argument("--id-residual-max-ratio", type=float, default=None,
                         help="Override model.id_residual_max_ratio of the hybrid (ID part bounded by the text part).")
+    parser.add_argument("--impute-missing-ids", action="store_true",
+                        help="Set model.impute_missing_ids in the hybrid (IDs of new items predicted from their text).")
     parser.add_argument("--seed", type=int, default=None, help="Override training.seed (the newest-items split does not depend on it).")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--append", action="store_true",
@@ -171,6 +173,8 @@ def _learned_system(name: str, system_overrides: dict, base_overrides: dict, spl
         model_overrides["id_dropout"] = args.id_dropout
     if name.startswith("hybrid") and args.id_residual_max_ratio is not None:
         model_overrides["id_residual_max_ratio"] = args.id_residual_max_ratio
+    if name.startswith("hybrid") and args.impute_missing_ids:
+        model_overrides["impute_missing_ids"] = True
     run_dir = Path(args.work_dir) / re.sub(r"\W+", "_", name.lower())
     overrides = {**base_overrides, "output_dir": str(run_dir), "model": model_overrides}
     system_start = time.perf_counter()
@@ -204,6 +208,7 @@ def _cold_items_command(args: argparse.Namespace) -> str:
             ("cold_item_fraction", args.cold_item_fraction), ("cold_item_selection", args.cold_item_selection)]
     ) + (f" --id-dropout {args.id_dropout}" if args.id_dropout is not None else "") \
       + (f" --id-residual-max-ratio {args.id_residual_max_ratio}" if args.id_residual_max_ratio is not None else "") \
+      + (" --impute-missing-ids" if args.impute_missing_ids else "") \
       + (f" --seed {args.seed}" if args.seed is not None else "") \
       + (" --ablation" if args.ablation else "") + (" --append" if args.append else "")
 

@@ -69,6 +69,11 @@ class ModelSettings:
              "the ID part is at most half as long), so the text direction dominates warm vectors as it "
              "does the text-only vectors of new items; 0 = unbounded (the hybrid of earlier releases).",
     )
+    impute_missing_ids: bool = setting(
+        False, "Give an item without a trained ID embedding (held out of training, or added later) one "
+               "predicted from its projected text by a learned linear map, instead of none; the map is "
+               "trained on the warm items whose ID id_dropout drops, so new items are scored like warm ones.",
+    )
     use_text_embeddings: bool = setting(
         True, "Represent items by their projected text embedding; false = ID-only model (items "
               "without interactions then have untrained random vectors).",
@@ -113,6 +118,10 @@ class ModelSettings:
         if self.rerank_text_similarity and not self.use_text_embeddings:
             raise ConfigError(f"{prefix}rerank_text_similarity needs item texts, but {prefix}use_text_embeddings is "
                               "false; turn one of them off or the other on.")
+        if self.impute_missing_ids and not (self.use_text_embeddings and self.use_id_embeddings and self.id_dropout > 0):
+            raise ConfigError(f"{prefix}impute_missing_ids predicts ID embeddings from text, so it needs the hybrid "
+                              f"({prefix}use_text_embeddings and {prefix}use_id_embeddings true) and {prefix}id_dropout "
+                              "> 0 (the dropped IDs are what trains the prediction); set those or turn it off.")
         if not (self.use_text_embeddings or self.use_id_embeddings):
             raise ConfigError(f"{prefix}use_text_embeddings and {prefix}use_id_embeddings are both false; an item needs "
                               "at least one representation.")

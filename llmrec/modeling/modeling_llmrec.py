@@ -66,6 +66,9 @@ class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedMod
       that text like theirs is never chosen, which ranks every cold item down (bench/README.md: with
       them in the softmax, cold items filled 0 % of the top 10s on MovieLens-100k, 1.2 % without).
 
+    - `impute_missing_ids`: such an item's ID part is predicted from its projected text by a linear map,
+      trained on the warm items whose ID embedding ID dropout removes, instead of being left out.
+
     A learned gate between the two paths was not used: the gate's input for a cold item would be a
     value it never saw in training (no ID), the very case it would have to be calibrated for.
     `use_id_embeddings=False` is the text-only model; `use_text_embeddings=False` is the ID-only model,
@@ -102,6 +105,15 @@ class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedMod
         # An untrained head adds exactly zero, so reranking starts as the retrieval ranking.
         nn.init.zeros_(self.reranker.scorer[-1].weight)
         nn.init.zeros_(self.reranker.scorer[-1].bias)
+        # Predicts a missing ID embedding from the projected text (`impute_missing_ids`). Built after post_init
+        # and outside the global random stream, so the rest of the model starts and trains as without it; it
+        # starts at zero, the ID part a new item has without it.
+        self.id_imputer = None
+        if config.impute_missing_ids:
+            with torch.random.fork_rng(devices=[]):
+                self.id_imputer = nn.Linear(config.hidden_size, config.hidden_size)
+            nn.init.zeros_(self.id_imputer.weight)
+            nn.init.zeros_(self.id_imputer.bias)
 
     # ----- item side -------------------------------------------------------------------------------
 
@@ -142,7 +154,8 @@ class LlmRecModel(CatalogueEditingMixin, RetrievalLossMixin, LlmRecPreTrainedMod
                 # only direction a new item has, so both are scored on one scale (bench/coldstart.py).
                 bound = ratio * representations.norm(dim=-1, keepdim=True)
                 id_rows = id_rows * torch.clamp(bound / id_rows.norm(dim=-1, keepdim=True).clamp_min(1e-12), max=1.0)
-            representations = representations + id_rows * keep
+            missing_id = self.id_imputer(representations) * (1.0 - keep) if self.id_imputer is not None else 0.0
+            representations = representations + id_rows * keep + missing_id
         return representations.masked_fill((rows == 0).unsqueeze(-1), 0.0)
 
     # ----- user side ---------------------------------------------------------------------------------
