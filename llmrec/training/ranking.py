@@ -202,16 +202,21 @@ def evaluate_ranking(
         ranks, kept_top = _gathered(accelerator, batches, ranks, kept_top)
     if kept_top is not None:
         top_items_out.copy_(kept_top)
+    metrics = _metrics_from_ranks(ranks, num_items, ks)
+    logger.info("%s: %s", desc, ", ".join(f"{name}={value:.4f}" for name, value in metrics.items()))
+    return metrics
+
+
+def _metrics_from_ranks(ranks: torch.Tensor, num_items: int, ks: Sequence[int]) -> dict[str, float]:
+    """HR / NDCG / MRR at each K from every user's 0-based target rank, and the user count."""
     if bool((ranks < 0).any()):
         raise RuntimeError(f"{int((ranks < 0).sum())} of {len(ranks)} users were not scored by any process.")
-
     # target_ranks marks a non-finite target with rank num_items; real ranks are at most num_items - 1.
     # Push that sentinel past every K so it stays a miss even when K exceeds a tiny catalogue.
     miss_rank = max([num_items, *(int(k) for k in ks)])
     ranks = torch.where(ranks >= num_items, torch.full_like(ranks, miss_rank), ranks)
     metrics: dict[str, float] = ranking_metrics(ranks, ks)
-    metrics["num_users"] = len(histories)
-    logger.info("%s: %s", desc, ", ".join(f"{name}={value:.4f}" for name, value in metrics.items()))
+    metrics["num_users"] = len(ranks)
     return metrics
 
 
