@@ -61,10 +61,11 @@ class LeaveUserOutCooccurrence:
         self.counts = owned.T @ owned  # (items + 1, items + 1); the diagonal holds each item's user count
         self.item_counts = self.counts.diagonal().clone()
         self.window = window
-        self.user_of: dict[tuple[int, ...], int] = {}
+        self.user_of: dict[tuple[int, ...], int | None] = {}  # None: a window two users share
         for user, sequence in enumerate(train_sequences):
             for end in range(1, len(sequence) + 1):
-                self.user_of.setdefault(tuple(sequence[max(0, end - window): end]), user)
+                key = tuple(sequence[max(0, end - window): end])
+                self.user_of[key] = user if self.user_of.get(key, user) == user else None
 
     def register(self, histories: list[list[int]], users: list[int]) -> None:
         """Histories (valid, test) whose user the training prefixes do not name, e.g. train + valid items."""
@@ -73,10 +74,10 @@ class LeaveUserOutCooccurrence:
 
     def users(self, history_items: torch.Tensor) -> torch.Tensor:
         keys = [tuple(int(item) for item in row if item > 0) for row in history_items.tolist()]
-        try:
-            return torch.tensor([self.user_of[key] for key in keys])
-        except KeyError as error:
-            raise RuntimeError("A history matches no known user; the probe cannot leave its user out.") from error
+        users = [self.user_of.get(key) for key in keys]
+        if None in users:
+            raise RuntimeError("A history matches no user, or two; the probe cannot leave its user out.")
+        return torch.tensor(users)
 
     def __call__(self, candidate_items: torch.Tensor, history_items: torch.Tensor) -> torch.Tensor:
         """(B, C, 3): max, mean and most recent co-occurrence cosine of each candidate with the history."""
