@@ -7,6 +7,7 @@ held with `new_items`, computed on the same trained models) become rows of their
 
     python bench/coldstart_report.py --runs "hybrid (today)=s42.json,s43.json,s44.json" \
         "id_dropout 0.5=d42.json,d43.json,d44.json" --name coldstart_mechanisms_ml100k
+    python bench/coldstart_report.py --extend --runs "impute_missing_ids=i42.json,i43.json,i44.json"   # rows added
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ START, END = "<!-- coldstart-mechanisms:start -->", "<!-- coldstart-mechanisms:e
 PARTS = ("cold", "cold_among_cold", "warm")
 
 
-def collect(runs: dict[str, list[Path]]) -> dict:
-    """Per row, each metric's values over the seeds (same order as the files)."""
+def collect(runs: dict[str, list[Path]], frontier: bool = True) -> dict:
+    """Per row, each metric's values over the seeds (same order as the files); `frontier`: the first run's frontier rows too."""
     rows: dict[str, dict] = {}
     seeds: dict[str, list] = {}
     for position, (label, paths) in enumerate(runs.items()):
@@ -39,7 +40,7 @@ def collect(runs: dict[str, list[Path]]) -> dict:
                         else "config" for result in results]
         for stage, suffix in (("retrieval", " retrieval"), ("rerank", " + rerank")):
             rows[label + suffix] = {part: _values(entries, lambda entry: entry[stage].get(part)) for part in PARTS}
-        if position == 0:
+        if position == 0 and frontier:
             for name in entries[0]["frontier"]["rows"]:
                 rows[f"{label}, {name}"] = {
                     part: _values(entries, lambda entry: entry["frontier"]["rows"][name].get(part)) for part in PARTS}
@@ -87,6 +88,9 @@ def render(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, help="LABEL=a.json,b.json,... (one file per seed).")
+    parser.add_argument("--extend", action="store_true",
+                        help="Keep the rows of the existing bench/results/<name>.json and add these runs' after them, without "
+                             "frontier rows (the per-seed files of earlier rows need not exist any more).")
     parser.add_argument("--name", default="coldstart_mechanisms_ml100k", help="Results file stem under bench/results/.")
     parser.add_argument("--readme", default=str(ROOT / "bench" / "README.md"))
     arguments = parser.parse_args()
@@ -96,7 +100,12 @@ def main() -> None:
         if not files:
             parser.error(f"--runs {spec!r}: expected LABEL=a.json,b.json")
         runs[label] = [Path(file) for file in files.split(",")]
-    report = collect(runs)
+    report = collect(runs, frontier=not arguments.extend)
+    if arguments.extend:
+        earlier = json.loads((ROOT / "bench" / "results" / f"{arguments.name}.json").read_text())
+        if set(earlier["rows"]) & set(report["rows"]):
+            parser.error(f"--extend: rows {sorted(set(earlier['rows']) & set(report['rows']))} are already in {arguments.name}.json.")
+        report = {"rows": {**earlier["rows"], **report["rows"]}, "seeds": {**earlier["seeds"], **report["seeds"]}}
     markdown = render(report)
     write_results(arguments.name, report, f"# New items: mechanisms compared (issue 16)\n\n{markdown}")
     _replace_block(Path(arguments.readme), START, END, markdown.rstrip("\n"))
