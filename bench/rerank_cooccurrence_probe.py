@@ -26,25 +26,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import git_commit, machine, table_header, table_row, write_results  # noqa: E402
-from bench.rerank_token_probe import fresh_head  # noqa: E402
+from bench.common import git_commit, machine, write_results  # noqa: E402
+from bench.rerank_probe_common import (  # noqa: E402
+    add_probe_arguments, extend_text_similarity, fresh_head, probe_markdown, train_and_test_head,
+)
 from llmrec import Recommender  # noqa: E402
 from llmrec.config import load_config  # noqa: E402
-from llmrec.evaluation import evaluate_ranking  # noqa: E402
-from llmrec.modeling.reranker import text_similarity_features  # noqa: E402
-from llmrec.modeling.text_encoding import tokenize_item_texts  # noqa: E402
 from llmrec.training.pipeline import load_split  # noqa: E402
-from llmrec.training.ranking import rerank_score_function  # noqa: E402
-from llmrec.training.trainer import LlmRecTrainer  # noqa: E402
 
 ARMS = ("head", "head + co-occurrence")
 COOCCURRENCE_FEATURES = 3
@@ -96,23 +91,6 @@ class LeaveUserOutCooccurrence:
         return torch.stack([best, mean, latest], dim=-1)
 
 
-def add_cooccurrence(model, features: LeaveUserOutCooccurrence) -> None:
-    """Route the head's text-similarity input through [text similarity, co-occurrence] (new weights start at zero)."""
-    reranker = model.reranker
-    old = reranker.text_similarity_weight
-    reranker.text_similarity_weight = nn.Parameter(
-        torch.cat([old.detach(), torch.zeros(old.shape[0], COOCCURRENCE_FEATURES)], dim=1))
-
-    def text_similarity(candidate_item_indices, history_item_indices, row_items):
-        items = (lambda rows: rows) if row_items is None else (lambda rows: row_items[rows])
-        table = model.item_text_embeddings if row_items is None else model.item_text_embeddings[row_items]
-        pooled = text_similarity_features(table[candidate_item_indices], table[history_item_indices], history_item_indices > 0)
-        cooccurrence = features(items(candidate_item_indices).cpu(), items(history_item_indices).cpu())
-        return torch.cat([pooled, cooccurrence.to(pooled)], dim=-1)
-
-    model._text_similarity = text_similarity
-
-
 def run_arm(folder: Path, arm: str, arguments: argparse.Namespace, accelerator: Accelerator) -> dict:
     recommender = Recommender.from_pretrained(folder)
     output_dir = arguments.work_dir / f"{folder.name}-{'cooccurrence' if arm != 'head' else 'head'}"
@@ -124,53 +102,27 @@ def run_arm(folder: Path, arm: str, arguments: argparse.Namespace, accelerator: 
         features = LeaveUserOutCooccurrence(split.train_sequences, split.num_items, config.model.max_history_length)
         for examples in (split.valid, split.test):
             features.register(examples.histories, examples.user_indices)
-        add_cooccurrence(model, features)
-    tokenized = tokenize_item_texts(recommender.tokenizer, split.item_texts, config.model.max_text_length)
-    trainer = LlmRecTrainer(model, split, config, accelerator, tokenized)
-    started = time.perf_counter()
-    best_valid = trainer.train_reranker()
-    seconds = time.perf_counter() - started
-    model.eval()
-    pipeline = trainer.candidate_pipeline()
-    test = evaluate_ranking(rerank_score_function(pipeline, split.num_items), split.test.histories, split.test.targets,
-                            split.num_items, ks=[10])
-    return {"valid": {name: best_valid[name] for name in ("ndcg@10", "hr@10")}, "best_epoch": best_valid.get("epoch"),
-            "test": {name: test[name] for name in ("ndcg@10", "hr@10")}, "stage2_seconds": round(seconds, 1)}
+        extend_text_similarity(model, COOCCURRENCE_FEATURES, lambda candidates, history: features(candidates.cpu(), history.cpu()))
+    return train_and_test_head(recommender, split, config, accelerator)
 
 
 def render(report: dict) -> str:
-    lines = ["# Item co-occurrence in the reranking head: a probe (issue 15)", "",
-             f"Commit {report['commit']}, {report['machine']['date']}, load {report['machine'].get('load_average_at_start')}. "
-             f"Made by `bench/rerank_cooccurrence_probe.py`{report['settings']}: stage 2 trained again from a fresh head "
-             "on each saved model's frozen towers; the co-occurrence arm's head also reads each candidate's co-occurrence "
-             "cosine with the history items (max, mean, most recent), the example's own user left out of the counts.", ""]
-    lines += table_header(["model", "arm", "valid NDCG@10", "valid HR@10", "test NDCG@10", "test HR@10", "best epoch",
-                           "stage-2 s"], "llrrrrrr")
-    for name, arms in report["models"].items():
-        for arm, result in arms.items():
-            lines.append(table_row([name, arm, f"{result['valid']['ndcg@10']:.4f}", f"{result['valid']['hr@10']:.4f}",
-                                    f"{result['test']['ndcg@10']:.4f}", f"{result['test']['hr@10']:.4f}",
-                                    result["best_epoch"], result["stage2_seconds"]]))
-    return "\n".join(lines) + "\n"
+    return probe_markdown("Item co-occurrence in the reranking head: a probe (issue 15)", "rerank_cooccurrence_probe.py",
+                          report, "the co-occurrence arm's head also reads each candidate's co-occurrence cosine with the "
+                          "history items (max, mean, most recent), the example's own user left out of the counts.")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", required=True, help="NAME=FOLDER of trained models.")
+    add_probe_arguments(parser, "/tmp/llmrec-cooccurrence-probe", "rerank_cooccurrence_probe_ml100k")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/llmrec-cooccurrence-probe"), help="Checkpoint folders.")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--override", dest="overrides", action="append", default=[],
-                        help="A config override, e.g. --override=--training.rerank_epochs=2 (repeatable).")
-    parser.add_argument("--name", default="rerank_cooccurrence_probe_ml100k", help="Results file stem under bench/results/.")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     accelerator = Accelerator(cpu=True)
     folders = dict(spec.split("=", 1) for spec in arguments.model)
     models = {name: {arm: run_arm(Path(folder), arm, arguments, accelerator) for arm in arguments.arms}
               for name, folder in folders.items()}
-    settings = "".join(f", {override}" for override in arguments.overrides)
-    settings = f" ({settings[2:]})" if settings else ""
+    settings = ", ".join(arguments.overrides)
     report = {"commit": git_commit(), "machine": machine(), "settings": settings, "models": models, "folders": folders}
     _, markdown_path = write_results(arguments.name, report, render(report))
     print(markdown_path.read_text())

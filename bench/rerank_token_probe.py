@@ -21,25 +21,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import git_commit, machine, table_header, table_row, write_results  # noqa: E402
+from bench.common import git_commit, machine, write_results  # noqa: E402
+from bench.rerank_probe_common import (  # noqa: E402
+    add_probe_arguments, extend_text_similarity, fresh_head, probe_markdown, train_and_test_head,
+)
 from llmrec import Recommender  # noqa: E402
 from llmrec.config import load_config  # noqa: E402
-from llmrec.evaluation import evaluate_ranking  # noqa: E402
-from llmrec.modeling.reranker import CrossAttentionReranker, text_similarity_features  # noqa: E402
 from llmrec.modeling.text_encoding import tokenize_item_texts  # noqa: E402
 from llmrec.training.pipeline import load_split  # noqa: E402
-from llmrec.training.ranking import rerank_score_function  # noqa: E402
-from llmrec.training.trainer import LlmRecTrainer  # noqa: E402
 
 
 @torch.inference_mode()
@@ -99,31 +96,9 @@ class TokenMatch(nn.Module):
 
 
 def add_token_match(model, states: torch.Tensor, mask: torch.Tensor, token_size: int, history_items: int) -> None:
-    """Route the head's text-similarity input through [text similarity, token match] (weights for the latter start at zero)."""
-    reranker = model.reranker
-    reranker.token_match = TokenMatch(states, mask, token_size, history_items)
-    old = reranker.text_similarity_weight
-    reranker.text_similarity_weight = nn.Parameter(torch.cat([old.detach(), torch.zeros(old.shape[0], token_size)], dim=1))
-
-    def text_similarity(candidate_item_indices, history_item_indices, row_items):
-        items = (lambda rows: rows) if row_items is None else (lambda rows: row_items[rows])
-        table = model.item_text_embeddings if row_items is None else model.item_text_embeddings[row_items]
-        pooled = text_similarity_features(table[candidate_item_indices], table[history_item_indices], history_item_indices > 0)
-        matched = reranker.token_match(items(candidate_item_indices), items(history_item_indices))
-        return torch.cat([pooled, matched.to(pooled.dtype)], dim=-1)
-
-    model._text_similarity = text_similarity
-
-
-def fresh_head(model, seed: int) -> None:
-    """Today's head as a new run starts it: random attention and MLP, scorer output and feature weights at zero."""
-    torch.manual_seed(seed)
-    head = CrossAttentionReranker(model.config)
-    for module in head.modules():
-        model._init_weights(module)
-    nn.init.zeros_(head.scorer[-1].weight)
-    nn.init.zeros_(head.scorer[-1].bias)
-    model.reranker = head.to(model.item_text_embeddings.device)
+    """The head's text-similarity input becomes [text similarity, token match] (weights for the latter start at zero)."""
+    model.reranker.token_match = TokenMatch(states, mask, token_size, history_items)
+    extend_text_similarity(model, token_size, model.reranker.token_match)
 
 
 def run_arm(folder: Path, tokens: bool, arguments: argparse.Namespace, accelerator: Accelerator) -> dict:
@@ -136,46 +111,20 @@ def run_arm(folder: Path, tokens: bool, arguments: argparse.Namespace, accelerat
     if tokens:
         states, mask = token_states(model, recommender.tokenizer, split.item_texts, arguments.tokens)
         add_token_match(model, states, mask, arguments.token_size, arguments.history_items)
-    tokenized = tokenize_item_texts(recommender.tokenizer, split.item_texts, config.model.max_text_length)
-    trainer = LlmRecTrainer(model, split, config, accelerator, tokenized)
-    started = time.perf_counter()
-    best_valid = trainer.train_reranker()
-    seconds = time.perf_counter() - started
-    model.eval()
-    pipeline = trainer.candidate_pipeline()
-    test = evaluate_ranking(rerank_score_function(pipeline, split.num_items), split.test.histories, split.test.targets,
-                            split.num_items, ks=[10])
-    return {"valid": {name: best_valid[name] for name in ("ndcg@10", "hr@10")}, "best_epoch": best_valid.get("epoch"),
-            "test": {name: test[name] for name in ("ndcg@10", "hr@10")}, "stage2_seconds": round(seconds, 1)}
+    return train_and_test_head(recommender, split, config, accelerator)
 
 
 def render(report: dict) -> str:
-    lines = ["# Token-level attention in the reranking head: a probe (issue 15)", "",
-             f"Commit {report['commit']}, {report['machine']['date']}, load {report['machine'].get('load_average_at_start')}. "
-             f"Made by `bench/rerank_token_probe.py` ({report['settings']}): stage 2 trained again from a fresh head "
-             "on each saved model's frozen towers; the token arm's head also reads candidate-token over history-token "
-             "attention.", ""]
-    lines += table_header(["model", "arm", "valid NDCG@10", "valid HR@10", "test NDCG@10", "test HR@10", "best epoch",
-                           "stage-2 s"], "llrrrrrr")
-    for name, arms in report["models"].items():
-        for arm, result in arms.items():
-            lines.append(table_row([name, arm, f"{result['valid']['ndcg@10']:.4f}", f"{result['valid']['hr@10']:.4f}",
-                                    f"{result['test']['ndcg@10']:.4f}", f"{result['test']['hr@10']:.4f}",
-                                    result["best_epoch"], result["stage2_seconds"]]))
-    return "\n".join(lines) + "\n"
+    return probe_markdown("Token-level attention in the reranking head: a probe (issue 15)", "rerank_token_probe.py", report,
+                          "the token arm's head also reads candidate-token over history-token attention.")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", required=True, help="NAME=FOLDER of trained models.")
+    add_probe_arguments(parser, "/tmp/llmrec-token-probe", "rerank_token_probe_ml100k")
     parser.add_argument("--tokens", type=int, default=16, help="Word pieces per item text.")
     parser.add_argument("--token-size", type=int, default=32, help="Query / key / value size of the token attention.")
     parser.add_argument("--history-items", type=int, default=6, help="Most recent history items whose tokens are read.")
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/llmrec-token-probe"), help="Checkpoint folders.")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--override", dest="overrides", action="append", default=[],
-                        help="A config override, e.g. --override=--training.rerank_epochs=2 (repeatable).")
-    parser.add_argument("--name", default="rerank_token_probe_ml100k", help="Results file stem under bench/results/.")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     accelerator = Accelerator(cpu=True)
