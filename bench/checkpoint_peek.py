@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -28,21 +29,14 @@ from llmrec.config import load_config  # noqa: E402
 from llmrec.evaluation import evaluate_ranking  # noqa: E402
 from llmrec.modeling import LlmRecModel  # noqa: E402
 from llmrec.modeling.histories import pad_histories  # noqa: E402
-from llmrec.modeling.text_encoding import encode_catalogue  # noqa: E402
-from llmrec.training.pipeline import load_split, resolve_encoder, tokenize_catalogue  # noqa: E402
+from llmrec.training.pipeline import _new_model, load_split, resolve_encoder  # noqa: E402
 
 
 def build_model(config, split) -> LlmRecModel:
-    """The run's model before training, with its catalogue encoded (the frozen encoder's cache)."""
+    """The run's model before training, with its catalogue encoded (the frozen encoder's cache), as the run built it."""
     encoder_path = resolve_encoder(config)
-    model = LlmRecModel.from_encoder(encoder_path, num_items=split.num_items, num_candidates=config.retrieval.num_candidates,
-                                     exclude_history=config.retrieval.exclude_history,
-                                     **{**config.model.stored_settings(), "use_user_profiles": False})
-    model.warm_items.copy_(torch.as_tensor(split.item_popularity() > 0))
-    model.set_item_popularity(torch.as_tensor(split.item_popularity()))
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-    encode_catalogue(model, tokenize_catalogue(tokenizer, split.item_texts, config.model.max_text_length),
-                     config.training.encode_batch_size, show_progress=False)
+    model, _ = _new_model(config, encoder_path, split, tokenizer, Accelerator(cpu=True), "fp32")
     return model
 
 
